@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clusterctl.errors import ConfigError
+from clusterctl.schema import parse
 
 BUILTIN_TINY_MODEL = "builtin:tiny-deepseek-v3"
 BUILTIN_TINY_DATA = "builtin:tiny-reasoning"
@@ -30,7 +31,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     zero_stage: int = 3
     offload_optimizer: bool = True
@@ -43,33 +44,23 @@ class TrainConfig:
     seed: int = 42
 
     @classmethod
-    def from_dict(cls, values: dict, *, where: str = "train.json") -> "TrainConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"unknown key {key!r}", where=f"{where}.{key}",
-                                  fix=f"remove it; known keys: {', '.join(sorted(known))}")
-            expected = type(known[key].default) if known[key].default is not dataclasses.MISSING else list
-            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
-            if not ok:
-                raise ConfigError(f"expected {expected.__name__}, got {type(value).__name__} {value!r}",
-                                  where=f"{where}.{key}")
-        config = cls(**values)
-        config.validate(where)
+    def from_dict(cls, values: dict, *, where: str = "train.json", prefix: str = "") -> "TrainConfig":
+        """Parse and check; errors name `where` (a file, or file:line) and the field."""
+        config = parse(cls, values, where, prefix=prefix)
+        config.validate(lambda name: f"{getattr(values, 'lines', {}).get(prefix + name, where)}: {prefix}{name}")
         return config
 
-    def validate(self, where: str) -> None:
+    def validate(self, at) -> None:
+        """Cross-field checks; `at(field)` says where a field was written."""
         if self.zero_stage not in (2, 3):
-            raise ConfigError("ZeRO stage must be 2 or 3", where=f"{where}.zero_stage")
+            raise ConfigError("ZeRO stage must be 2 or 3", where=at("zero_stage"))
         if self.offload_param and self.zero_stage != 3:
-            raise ConfigError("parameter offload needs ZeRO stage 3", where=f"{where}.offload_param",
+            raise ConfigError("parameter offload needs ZeRO stage 3", where=at("offload_param"),
                               fix="set zero_stage: 3 or offload_param: false")
         for name in ("micro_batch", "grad_accum", "max_length", "sequence_parallel", "save_steps",
                      "save_total_limit"):
             if getattr(self, name) < 1:
-                raise ConfigError("must be at least 1", where=f"{where}.{name}")
+                raise ConfigError("must be at least 1", where=at(name))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

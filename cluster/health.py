@@ -1,0 +1,225 @@
+"""Does a served OpenAI-compatible endpoint really answer? GET /health, GET /v1/models (the served name
+is listed), POST /v1/chat/completions, each retried with backoff until a deadline (a server still
+loading refuses connections or answers 503), timed, and printed with the curl line that repeats it.
+`load_test` sends N chat requests C at a time and reports throughput and p50/p95 latency.
+
+Stdlib only (urllib + threads): it runs on login nodes without torch, requests or vLLM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+DEFAULT_PROMPT = "Say hello in one short sentence."
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}   # the server is starting or busy: try again
+
+
+@dataclass
+class Endpoint:
+    url: str                      # http://host:port, no trailing /v1
+    model: str = ""               # served name expected in /v1/models; "" = take the first listed
+    api_key: str = ""             # sent as a bearer token; shown as $VLLM_API_KEY, never printed
+
+
+@dataclass
+class Check:
+    name: str                     # "GET /health"
+    ok: bool
+    latency_s: float              # of the last attempt
+    attempts: int
+    detail: str                   # what was seen, or why it failed
+    curl: str                     # the same request by hand
+    answer: str = ""
+    reasoning: str = ""           # the <think> part, shown apart from the answer
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    concurrency: int
+    ok: int
+    wall_s: float
+    latencies_s: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.ok == self.requests
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.ok / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.wall_s if self.wall_s else 0.0
+
+    def percentile(self, p: float) -> float:
+        """Nearest-rank percentile of the successful requests' latencies (0.0 when none succeeded)."""
+        if not self.latencies_s:
+            return 0.0
+        ordered = sorted(self.latencies_s)
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "concurrency": self.concurrency, "ok": self.ok,
+                "failed": self.requests - self.ok, "wall_s": round(self.wall_s, 4),
+                "requests_per_s": round(self.requests_per_s, 3), "tokens_per_s": round(self.tokens_per_s, 2),
+                "p50_s": round(self.percentile(50), 4), "p95_s": round(self.percentile(95), 4),
+                "errors": self.errors[:5]}
+
+
+class HttpError(Exception):
+    """A request that did not succeed; `retry` says whether waiting can help."""
+
+    def __init__(self, message: str, *, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+def request(endpoint: Endpoint, method: str, path: str, body: dict | None = None, *,
+            timeout: float) -> tuple[object, float]:
+    """One HTTP call; returns (parsed JSON or text, seconds). Raises HttpError."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if endpoint.api_key:
+        headers["Authorization"] = f"Bearer {endpoint.api_key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(endpoint.url.rstrip("/") + path, data=data, method=method, headers=headers)
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=max(timeout, 0.1)) as reply:
+            raw = reply.read()
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace")[:300]
+        hint = " (set VLLM_API_KEY or --api-key-file to the deploy's key)" if error.code in (401, 403) else ""
+        raise HttpError(f"HTTP {error.code}{hint}: {text}", retry=error.code in _RETRY_STATUS) from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise HttpError(f"no answer from {endpoint.url}: {reason}", retry=True) from None
+    latency = time.monotonic() - start
+    text = raw.decode(errors="replace")
+    try:
+        return (json.loads(text) if text.strip() else ""), latency
+    except ValueError:
+        return text, latency
+
+
+def curl_line(endpoint: Endpoint, method: str, path: str, body: dict | None = None) -> str:
+    """The request as a curl command; the key appears as "$VLLM_API_KEY", never its value."""
+    parts = ["curl", "-sS"] + (["-X", method] if method != "GET" else []) + [shlex.quote(endpoint.url.rstrip("/") + path)]
+    if body is not None:
+        parts += ["-H", shlex.quote("Content-Type: application/json")]
+    if endpoint.api_key:
+        parts += ["-H", '"Authorization: Bearer $VLLM_API_KEY"']
+    if body is not None:
+        parts += ["-d", shlex.quote(json.dumps(body))]
+    return " ".join(parts)
+
+
+def chat_body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0}
+
+
+def split_reasoning(message: dict) -> tuple[str, str]:
+    """(reasoning, answer) of a chat message: vLLM's reasoning parser fills `reasoning_content` (or
+    `reasoning` in newer releases); without a parser the text carries <think>...</think> itself
+    (or only the closing tag when the chat template opened it in the prompt)."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+    if not reasoning and "</think>" in content:
+        reasoning, _, content = content.partition("</think>")
+        reasoning = reasoning.split("<think>", 1)[-1]
+    return reasoning.strip(), content.strip()
+
+
+def _attempt(name: str, endpoint: Endpoint, method: str, path: str, body: dict | None, deadline: float,
+             judge) -> Check:
+    """Send until `judge(reply)` returns a detail string or the deadline passes; backoff 0.5 s doubling to 5 s.
+    `judge` raises HttpError(retry=False) for an answer that waiting cannot fix."""
+    curl, attempts, wait = curl_line(endpoint, method, path, body), 0, 0.5
+    while True:
+        attempts += 1
+        start = time.monotonic()
+        try:
+            reply, latency = request(endpoint, method, path, body, timeout=max(deadline - start, 10.0))
+            detail, answer, reasoning = judge(reply)
+            return Check(name, True, latency, attempts, detail, curl, answer=answer, reasoning=reasoning)
+        except HttpError as error:
+            latency, last = time.monotonic() - start, str(error)
+            if not error.retry or time.monotonic() + wait >= deadline:
+                return Check(name, False, latency, attempts, last, curl)
+        time.sleep(wait)
+        wait = min(wait * 2, 5.0)
+
+
+def check_endpoint(endpoint: Endpoint, *, timeout: float = 60.0, prompt: str = DEFAULT_PROMPT,
+                   max_tokens: int = 64) -> list[Check]:
+    """The three checks in order, sharing one deadline; stops at the first failure. When
+    `endpoint.model` is empty it is set to the first served name."""
+    deadline = time.monotonic() + timeout
+    checks = [_attempt("GET /health", endpoint, "GET", "/health", None, deadline, lambda reply: ("ok", "", ""))]
+    if not checks[-1].ok:
+        return checks
+
+    def judge_models(reply) -> tuple[str, str, str]:
+        names = [item.get("id") for item in (reply.get("data") or [])] if isinstance(reply, dict) else []
+        if not names:
+            raise HttpError(f"no models listed: {str(reply)[:200]}", retry=True)
+        if endpoint.model and endpoint.model not in names:
+            raise HttpError(f"{endpoint.model!r} is not served; the server lists {names}", retry=False)
+        endpoint.model = endpoint.model or names[0]
+        return f"serves {endpoint.model!r}", "", ""
+
+    checks.append(_attempt("GET /v1/models", endpoint, "GET", "/v1/models", None, deadline, judge_models))
+    if not checks[-1].ok:
+        return checks
+
+    def judge_chat(reply) -> tuple[str, str, str]:
+        try:
+            message = reply["choices"][0]["message"]
+        except (TypeError, KeyError, IndexError):
+            raise HttpError(f"no choices[0].message in the reply: {str(reply)[:200]}", retry=False) from None
+        reasoning, answer = split_reasoning(message)
+        tokens = (reply.get("usage") or {}).get("completion_tokens", "?")
+        return f"{tokens} tokens", answer, reasoning
+
+    body = chat_body(endpoint.model, prompt, max_tokens)
+    checks.append(_attempt("POST /v1/chat/completions", endpoint, "POST", "/v1/chat/completions", body,
+                           deadline, judge_chat))
+    return checks
+
+
+def load_test(endpoint: Endpoint, *, requests: int, concurrency: int, prompt: str = DEFAULT_PROMPT,
+              max_tokens: int = 32, timeout: float = 120.0) -> LoadResult:
+    """`requests` chat calls, `concurrency` in flight; no retries: every failure counts."""
+    body = chat_body(endpoint.model, prompt, max_tokens)
+
+    def one(_: int) -> tuple[float, int, str]:
+        try:
+            reply, latency = request(endpoint, "POST", "/v1/chat/completions", body, timeout=timeout)
+            return latency, int((reply.get("usage") or {}).get("completion_tokens", 0)), ""
+        except HttpError as error:
+            return 0.0, 0, str(error)
+        except (AttributeError, TypeError, ValueError) as error:
+            return 0.0, 0, f"unexpected reply: {error}"
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        outcomes = list(pool.map(one, range(requests)))
+    result = LoadResult(requests, concurrency, 0, time.monotonic() - start)
+    for latency, tokens, error in outcomes:
+        if error:
+            result.errors.append(error)
+        else:
+            result.ok += 1
+            result.latencies_s.append(latency)
+            result.completion_tokens += tokens
+    return result

@@ -1,0 +1,10 @@
+"""Options shared by several verbs."""
+import click
+
+runs_dir = click.option("--runs-dir", envvar="CLUSTERCTL_RUNS", type=click.Path(file_okay=False),
+                        help="Folder of run folders [env CLUSTERCTL_RUNS; default ./runs or cluster.yaml runs_dir].")
+as_json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+cluster_file = click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False),
+                            help="cluster.yaml (default: the local backend on this machine).")
+job_file = click.option("--job", "job_file",
+                        help="Job spec YAML, or a built-in example name (default: the tiny DeepSeek-V3 job).")

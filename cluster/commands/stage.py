@@ -1,0 +1,45 @@
+"""clusterctl convert / deploy: one stage alone, fed by an earlier run or by a given folder."""
+import click
+
+from clusterctl.commands import options
+from clusterctl.commands.submit import finish
+
+
+def _run_alone(stage, run, overrides, nodes, cluster_file, job_file, runs_dir, detach, as_json):
+    from clusterctl.submit import submit_stage_alone
+
+    new = submit_stage_alone(stage, base_run=run, runs_dir=runs_dir, cluster_file=cluster_file,
+                             job_file=job_file, overrides={k: v for k, v in overrides.items() if v}, nodes=nodes)
+    finish(new, dry_run=False, detach=detach, as_json=as_json)
+
+
+@click.command("convert")
+@click.argument("run", required=False)
+@click.option("--checkpoint", type=click.Path(exists=True), help="DeepSpeed checkpoint folder (default: RUN's SFT output).")
+@click.option("--out", "model_out", type=click.Path(), help="Output model folder (default: in the new run folder).")
+@options.cluster_file
+@options.job_file
+@options.runs_dir
+@click.option("--detach", is_flag=True, help="Local backend: return at once.")
+@options.as_json
+def convert_command(run, checkpoint, model_out, cluster_file, job_file, runs_dir, detach, as_json):
+    """Convert RUN's training checkpoint (default: the newest run) to Hugging Face safetensors."""
+    _run_alone("convert", run, {"checkpoint": checkpoint, "model_out": model_out}, None,
+               cluster_file, job_file, runs_dir, detach, as_json)
+
+
+@click.command("deploy")
+@click.argument("run", required=False)
+@click.option("--nodes", type=click.IntRange(min=1), help="Nodes to serve from (default: the job spec's).")
+@click.option("--model", type=click.Path(exists=True), help="HF model folder (default: RUN's converted model).")
+@options.cluster_file
+@options.job_file
+@options.runs_dir
+@click.option("--detach", is_flag=True, help="Local backend: return once submitted.")
+@options.as_json
+def deploy_command(run, nodes, model, cluster_file, job_file, runs_dir, detach, as_json):
+    """Serve RUN's converted model (default: the newest run) with Ray + vLLM."""
+    _run_alone("deploy", run, {"model": model}, nodes, cluster_file, job_file, runs_dir, detach, as_json)
+
+
+commands = {"convert": convert_command, "deploy": deploy_command}

@@ -1,0 +1,39 @@
+"""clusterctl status: the state of every stage of a run."""
+import json
+
+import click
+
+from clusterctl.commands import options
+
+
+def run_status(run) -> dict:
+    """run.json brought up to date by the run's backend, in the `status --json` shape."""
+    from clusterctl.backends.base import backend_for
+    from clusterctl.config import load_cluster
+
+    data = backend_for(load_cluster(str(run.dir / "cluster.yaml"))).refresh(run)
+    keep = ("state", "nodes", "hosts", "job_id", "started", "ended", "exit_code", "reason", "failed_nodes",
+            "node_states", "output", "endpoint", "served_model")
+    stages = {stage: {k: v for k, v in data["stages"][stage].items() if k in keep} for stage in data["chain"]}
+    return {"run": run.id, "dir": str(run.dir), "backend": data["backend"], "stages": stages}
+
+
+@click.command("status")
+@click.argument("run", required=False)
+@options.runs_dir
+@options.as_json
+def command(run, runs_dir, as_json):
+    """Show every stage of RUN (default: the newest run): state, nodes, output, endpoint."""
+    from clusterctl.follow import describe
+    from clusterctl.run import find_run
+
+    found = find_run(runs_dir, run)
+    status = run_status(found)
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    click.echo(f"run {status['run']} ({status['backend']} backend): {status['dir']}")
+    for stage, record in status["stages"].items():
+        click.echo("  " + describe(found, stage, record))
+        if record.get("output") and record["state"] == "COMPLETED":
+            click.echo(f"           output: {record['output']}")

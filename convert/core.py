@@ -1,0 +1,165 @@
+"""ZeRO checkpoint -> Hugging Face folder: plan, write shards (optionally in K processes), verify, swap in."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+from clusterctl.errors import UserError
+
+from .checkpoint import MARKER, ZeroCheckpoint, resolve
+from .layout import DTYPES, Piece, meta_model, plan
+from .sfio import ShardWriter
+from .staging import Staging, atomic_write, write_json
+
+INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_SLACK = 64 << 20     # config, tokenizer, index
+
+
+def log(msg: str) -> None:
+    print(f"[convert] {msg}", file=sys.stderr, flush=True)
+
+
+def shards_of(pieces: list[Piece], max_bytes: int) -> list[tuple[str, list[Piece]]]:
+    """Consecutive pieces packed into files of at most max_bytes (a bigger tensor gets a file alone)."""
+    groups, size = [[]], 0
+    for p in pieces:
+        if groups[-1] and size + p.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.nbytes
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def extract(ck: ZeroCheckpoint, p: Piece):
+    """One output tensor: its source slice read from the mapped rank files, laid out and cast."""
+    import torch
+
+    flat = ck.read(p.source, p.offset, p.span)
+    return flat.as_strided(p.shape, p.stride).to(getattr(torch, p.dtype))
+
+
+def write_shard(ck: ZeroCheckpoint, path: str, pieces: list[Piece]) -> dict:
+    writer = ShardWriter(path, [(p.name, p.dtype, p.shape, p.nbytes) for p in pieces])
+    try:
+        for p in pieces:
+            writer.add(extract(ck, p))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _worker(tag_dir: str, jobs: list[tuple[str, list[Piece]]]) -> list[tuple[str, dict]]:
+    """One process's share of the shards (each process maps the rank files itself)."""
+    ck = ZeroCheckpoint(tag_dir)
+    return [(path, write_shard(ck, path, pieces)) for path, pieces in jobs]
+
+
+def _balanced(jobs: list, workers: int) -> list[list]:
+    buckets = [[] for _ in range(workers)]
+    sizes = [0] * workers
+    for job in sorted(jobs, key=lambda j: -sum(p.nbytes for p in j[1])):
+        i = sizes.index(min(sizes))
+        buckets[i].append(job)
+        sizes[i] += sum(p.nbytes for p in job[1])
+    return [b for b in buckets if b]
+
+
+def run_shards(ck: ZeroCheckpoint, jobs: list[tuple[str, list[Piece]]], workers: int) -> dict[str, dict]:
+    if workers <= 1 or len(jobs) <= 1:
+        return {path: write_shard(ck, path, pieces) for path, pieces in jobs}
+    buckets = _balanced(jobs, workers)
+    with ProcessPoolExecutor(len(buckets), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_worker, ck.tag_dir, b) for b in buckets]
+        return {path: rec for f in futures for path, rec in f.result()}
+
+
+def output_config(hf_dir: str, dtype: str) -> dict:
+    """The trained model's config.json, made servable: no quantization_config, dtype set, topk_method kept."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = cfg["dtype"] = DTYPES[dtype]
+    if cfg.get("model_type") == "deepseek_v3":
+        cfg.setdefault("topk_method", "noaux_tc")   # transformers 5 drops it; vLLM needs it (RECIPES §3.4)
+    return cfg
+
+
+def copy_side_files(hf_dir: str, staging: Staging) -> list[str]:
+    """generation_config, tokenizer and code files: everything in hf/ but config.json and weights."""
+    copied = []
+    for name in sorted(os.listdir(hf_dir)):
+        src = os.path.join(hf_dir, name)
+        if name == "config.json" or name.endswith(WEIGHT_SUFFIXES) or not os.path.isfile(src):
+            continue
+        with open(src, "rb") as f:
+            atomic_write(staging.path(name), f.read())
+        copied.append(name)
+    return copied
+
+
+def fingerprint(tag_dir: str, dtype: str, shards: list) -> dict:
+    with open(os.path.join(tag_dir, MARKER), "rb") as f:
+        marker = hashlib.sha256(f.read()).hexdigest()
+    layout = hashlib.sha256(json.dumps([[name, [(p.name, p.dtype, p.shape) for p in ps]]
+                                        for name, ps in shards]).encode()).hexdigest()
+    return {"checkpoint": tag_dir, "checkpoint_marker_sha256": marker, "dtype": dtype, "layout_sha256": layout}
+
+
+def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True, workers: int = 1,
+            force: bool = False, max_shard_bytes: int = 5 * 10**9) -> dict:
+    """Convert and return the marker written into the finished folder."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix=f"use one of {', '.join(DTYPES)}")
+    started = time.time()
+    tag_dir, hf_dir = resolve(checkpoint)
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise UserError("config.json of the trained model is missing", where=hf_dir,
+                        fix="the SFT stage writes config.json, generation_config.json and tokenizer files there")
+    staging = Staging(out, force)
+    ck = ZeroCheckpoint(tag_dir)
+    log(f"checkpoint {tag_dir}: ZeRO-{ck.stage}, {ck.world} ranks, {len(ck.params)} parameters")
+    names = [n for n in list(ck.params) + list(ck.buffers) + list(ck.shared)]
+    pieces = plan(meta_model(hf_dir), {n: ck.shape(n) for n in names}, {n: ck.dtype(n) for n in names},
+                  dtype, aliases=set(ck.shared))
+    shards = shards_of(pieces, max_shard_bytes)
+    resumed = staging.prepare(fingerprint(tag_dir, dtype, shards))
+    records = {name: rec for name, _ in shards if resumed and (rec := staging.finished(name))}
+    todo = [(staging.path(name), ps) for name, ps in shards if name not in records]
+    need = sum(p.nbytes for _, ps in todo for p in ps) + _SLACK
+    if need > staging.free_bytes():
+        raise UserError(f"not enough disk space: the output needs {need / 2**30:.2f} GiB, "
+                        f"{staging.free_bytes() / 2**30:.2f} GiB free", where=staging.dir,
+                        fix="free space or choose another --out")
+    if records:
+        log(f"resuming: {len(records)} of {len(shards)} shards already written and verified by hash")
+    t0 = time.time()
+    for path, rec in run_shards(ck, todo, workers).items():
+        records[os.path.basename(path)] = rec
+        staging.record(os.path.basename(path), rec)
+    written = sum(p.nbytes for _, ps in todo for p in ps)
+    log(f"wrote {len(todo)} shards, {written / 1e9:.3f} GB in {time.time() - t0:.1f} s")
+    total = sum(p.nbytes for p in pieces)
+    write_json(staging.path(INDEX), {"metadata": {"total_size": total},
+                                     "weight_map": {p.name: name for name, ps in shards for p in ps}})
+    write_json(staging.path("config.json"), output_config(hf_dir, dtype))
+    side = copy_side_files(hf_dir, staging)
+    checks = {}
+    if verify:
+        from .verify import verify_folder
+        checks = verify_folder(staging.dir, ck, pieces, dtype, log)
+    marker = {"source": tag_dir, "dtype": DTYPES[dtype], "tensors": len(pieces), "total_size": total,
+              "files": {name: records[name]["sha256"] for name, _ in shards}, "copied": side,
+              "verify": checks, "seconds": round(time.time() - started, 2), "created": time.time()}
+    staging.finalize(marker)
+    log(f"complete: {staging.out} ({len(pieces)} tensors, {total / 1e9:.3f} GB, {marker['seconds']} s)")
+    return marker
+

@@ -1,0 +1,127 @@
+"""Which output tensor comes from which slice of which checkpoint tensor, in the model's standard names.
+
+A DeepSpeed checkpoint holds transformers' in-memory names (transformers 5 fuses MoE experts into
+`mlp.experts.gate_up_proj [E, 2I, H]`).  The servable layout is what `save_pretrained` writes: one tensor
+per expert.  Rather than hard-coding that mapping per architecture, transformers' own reverse conversion is
+run on meta tensors whose `contiguous()` is a no-op, so every output comes back as a strided view of its
+source: its storage offset and strides say exactly which elements to read.  Outputs that are not views of a
+single source (a conversion that copies or merges) are refused rather than guessed.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+from clusterctl.errors import UserError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One output tensor: `shape` read from `source` with `stride` starting at element `offset`."""
+
+    name: str
+    source: str
+    offset: int
+    shape: tuple
+    stride: tuple
+    dtype: str          # torch dtype name of the output, e.g. "bfloat16"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def span(self) -> int:
+        """How many source elements, from `offset`, the piece touches."""
+        return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if self.numel else 0
+
+    @property
+    def nbytes(self) -> int:
+        import torch
+
+        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+def meta_model(hf_dir: str):
+    """The architecture from config.json, on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(hf_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the model config ({exc})", where=hf_dir,
+                        fix="the SFT stage copies config.json and tokenizer files to <output_dir>/hf") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _fp32_patterns(model) -> list[str]:
+    return list(getattr(model, "_keep_in_fp32_modules", None) or []) + \
+        list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+
+
+def plan(model, shapes: dict[str, tuple], stored_dtypes: dict[str, str], dtype: str,
+         aliases: set[str] = frozenset()) -> list[Piece]:
+    """Output pieces in checkpoint order.  `shapes`/`stored_dtypes`: the checkpoint's tensors by name;
+    `aliases`: names the checkpoint shares with another (tied weights), written once."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    wanted = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    _check_names(wanted, shapes, set(aliases))
+    keep_fp32 = _fp32_patterns(model)
+
+    class Probe(torch.Tensor):
+        def contiguous(self, *args, **kwargs):  # keep views as views so offsets survive the conversion
+            return self
+
+    pieces = []
+    for source in (n for n in shapes if n in wanted):
+        probe = torch.empty(shapes[source], device="meta").as_subclass(Probe)
+        for name, view in revert_weight_conversion(model, {source: probe}).items():
+            if view.untyped_storage()._cdata != probe.untyped_storage()._cdata:
+                raise UserError(f"the conversion of {source} -> {name} for {type(model).__name__} copies or "
+                                "merges tensors, which the streaming converter does not support",
+                                fix="report the architecture; DeepSpeed's zero_to_fp32 + save_pretrained works")
+            pieces.append(Piece(name, source, view.storage_offset(), tuple(view.shape), tuple(view.stride()),
+                                _out_dtype(name, source, stored_dtypes[source], dtype, keep_fp32)))
+    _check_unique(pieces)
+    return pieces
+
+
+def _out_dtype(name: str, source: str, stored: str, dtype: str, keep_fp32: list[str]) -> str:
+    if stored not in ("float32", "bfloat16", "float16"):
+        return stored                     # integer buffers stay as they are
+    if any(p in name or p in source or fnmatch.fnmatch(name, f"*{p}*") for p in keep_fp32):
+        return "float32"
+    return DTYPES[dtype]
+
+
+def _check_names(wanted: dict, shapes: dict[str, tuple], aliases: set[str]) -> None:
+    def listed(names):
+        return ", ".join(names[:5]) + (f" ... ({len(names)} in all)" if len(names) > 5 else "")
+
+    missing = sorted(n for n in wanted if n not in shapes)
+    unexpected = sorted(n for n in shapes if n not in wanted and n not in aliases)
+    wrong = sorted(f"{n} {tuple(shapes[n])} != {tuple(wanted[n].shape)}" for n in wanted
+                   if n in shapes and tuple(shapes[n]) != tuple(wanted[n].shape))
+    problems = [f"{what}: {listed(names)}" for what, names in
+                (("missing from the checkpoint", missing), ("not in the model", unexpected),
+                 ("shape mismatch", wrong)) if names]
+    if problems:
+        raise UserError("checkpoint does not match the architecture in config.json: " + "; ".join(problems),
+                        fix="<output_dir>/hf/config.json must be the config of the model that was trained")
+
+
+def _check_unique(pieces: list[Piece]) -> None:
+    seen = set()
+    for p in pieces:
+        if p.name in seen:
+            raise UserError(f"two checkpoint tensors map to the output name {p.name}",
+                            fix="report the architecture; its weight conversion is ambiguous")
+        seen.add(p.name)

@@ -1,0 +1,89 @@
+"""Stream tensors into a safetensors file one at a time (the library's writer wants the whole shard in RAM).
+
+The header is fixed first from names, dtypes and shapes, then tensor bytes follow in header order, so
+memory stays at one tensor.  The file is written under a temporary name, fsynced, hashed while written
+and renamed into place: a shard either exists whole or not at all.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+                      "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def header_bytes(entries: list[tuple[str, str, tuple, int]]) -> bytes:
+    """The length prefix + JSON header for (name, torch dtype name, shape, nbytes) in file order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def read_header(path: str) -> dict:
+    """The JSON header of a safetensors file (no tensor data read)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+class ShardWriter:
+    """Write one shard: `add(tensor)` in the order given to the constructor, then `close()`."""
+
+    def __init__(self, path: str, entries: list[tuple[str, str, tuple, int]]):
+        self.path, self.entries, self.next = path, entries, 0
+        self.tmp = path + ".tmp"
+        self.file = open(self.tmp, "wb")
+        self.hash = hashlib.sha256()
+        self._write(header_bytes(entries))
+
+    def _write(self, data) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+
+    def add(self, tensor) -> None:
+        import torch
+
+        name, dtype, shape, nbytes = self.entries[self.next]
+        if str(tensor.dtype).removeprefix("torch.") != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != nbytes:
+            raise ValueError(f"{name}: {data.nbytes} bytes, header says {nbytes}")
+        self._write(memoryview(data))
+        self.next += 1
+
+    def close(self) -> dict:
+        """Finish the file (fsync + rename) and return its record: size and sha256."""
+        if self.next != len(self.entries):
+            raise ValueError(f"{self.path}: {len(self.entries) - self.next} tensors were never written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        size = self.file.tell()
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return {"size": size, "sha256": self.hash.hexdigest()}
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def file_record(path: str) -> dict:
+    """Size and sha256 of a finished file, as `ShardWriter.close` reports them."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+        return {"size": f.tell(), "sha256": h.hexdigest()}

@@ -1,0 +1,111 @@
+"""The output folder's life cycle: build beside it, resume what finished, swap in whole with its marker last.
+
+Everything is written into `<out>.partial/`; finished shards are recorded (size + sha256) so a re-run after
+an interruption keeps them once re-hashed, and the folder becomes `<out>` by one rename after the marker
+is written.  A complete `<out>` is replaced only with --force.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from clusterctl.errors import UserError
+
+from .checkpoint import MARKER
+from .sfio import file_record
+
+_BOOK = ".clusterctl-partial"     # bookkeeping inside the staging folder; removed before the swap
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """tmp + fsync + rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MARKER))
+
+
+class Staging:
+    """`<out>.partial/`, checked against `out` and prepared for a fingerprint of the planned output."""
+
+    def __init__(self, out: str, force: bool):
+        self.out = os.path.abspath(out)
+        self.dir = self.out + ".partial"
+        self.force = force
+        if os.path.exists(self.out) and not force:
+            if is_complete(self.out):
+                raise UserError("output is already a complete model folder", where=self.out,
+                                fix="pass --force to overwrite it, or choose another --out")
+            if os.listdir(self.out):
+                raise UserError(f"output folder exists, is not empty and has no {MARKER}", where=self.out,
+                                fix="remove it or pass --force (it will be replaced)")
+
+    def prepare(self, fingerprint: dict) -> bool:
+        """Make the staging folder ready; True when it resumes an earlier run of the same conversion."""
+        plan = os.path.join(self.dir, _BOOK, "plan.json")
+        if os.path.exists(plan):
+            with open(plan) as f:
+                if json.load(f) == fingerprint:
+                    return True
+        if os.path.exists(self.dir):
+            shutil.rmtree(self.dir)
+        os.makedirs(os.path.join(self.dir, _BOOK, "shards"))
+        write_json(plan, fingerprint)
+        return False
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def _record_path(self, shard: str) -> str:
+        return os.path.join(self.dir, _BOOK, "shards", shard + ".json")
+
+    def finished(self, shard: str) -> dict | None:
+        """The record of a shard written by an earlier run, if the file still matches it byte for byte."""
+        rec_path, path = self._record_path(shard), self.path(shard)
+        if not (os.path.exists(rec_path) and os.path.exists(path)):
+            return None
+        with open(rec_path) as f:
+            rec = json.load(f)
+        if os.path.getsize(path) == rec["size"] and file_record(path) == rec:
+            return rec
+        os.unlink(rec_path)
+        return None
+
+    def record(self, shard: str, rec: dict) -> None:
+        write_json(self._record_path(shard), rec)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.dir).free
+
+    def finalize(self, marker: dict) -> None:
+        """Marker last, then one rename makes `<out>` appear complete (an old complete one is replaced)."""
+        shutil.rmtree(os.path.join(self.dir, _BOOK))
+        write_json(self.path(MARKER), marker)
+        fsync_dir(self.dir)
+        old = None
+        if os.path.exists(self.out):
+            old = f"{self.out}.old-{os.getpid()}"
+            os.replace(self.out, old)
+        os.replace(self.dir, self.out)
+        fsync_dir(os.path.dirname(self.out))
+        if old:
+            shutil.rmtree(old)

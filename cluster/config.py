@@ -120,7 +120,7 @@ def load_cluster(path: str | None) -> ClusterConfig:
     if path is None:
         return ClusterConfig()
     values = load_yaml(path)
-    config = parse(ClusterConfig, {k: v for k, v in values.items() if k != "source"}, str(path))
+    config = parse(ClusterConfig, values, str(path), internal=("source",))
     config.source = str(Path(path).resolve())
     at = lambda name: where_of(values, name, str(path))  # noqa: E731
     if config.backend not in BACKENDS:
@@ -156,8 +156,7 @@ def load_job(path: str | None, *, sft_nodes: int | None, cluster: ClusterConfig,
         source = builtin_job_path(path)   # a built-in example by name, e.g. --job deepseek-r1-671b-job
     values = load_yaml(source)
     at = lambda name: where_of(values, name, str(source))  # noqa: E731
-    job = parse(JobSpec, {k: v for k, v in values.items() if k not in ("source", "train", "sft_nodes")},
-                str(source))
+    job = parse(JobSpec, values, str(source), internal=("source", "train", "sft_nodes"))
     job.source = str(source.resolve())
     sft = dict(job.sft)
     nodes = sft.pop("nodes", 1)

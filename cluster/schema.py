@@ -62,8 +62,9 @@ def where_of(values: dict, field: str, default: str) -> str:
     return f"{place}: {field}" if field else place
 
 
-def parse(cls, values, where: str, *, lines: dict | None = None, prefix: str = ""):
-    """Build dataclass `cls` from `values`, refusing unknown keys and wrong types by name."""
+def parse(cls, values, where: str, *, lines: dict | None = None, prefix: str = "", internal: tuple = ()):
+    """Build dataclass `cls` from `values`, refusing unknown keys and wrong types by name.
+    `internal` fields are derived by the program and may not be set from a file."""
     lines = lines if lines is not None else getattr(values, "lines", {}) or {}
 
     def at(field: str) -> str:
@@ -74,7 +75,7 @@ def parse(cls, values, where: str, *, lines: dict | None = None, prefix: str = "
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"expected a mapping, got {type(values).__name__}", where=at("").rstrip(": "))
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in internal}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():

@@ -10,7 +10,7 @@ import yaml
 from clusterctl.backends.base import backend_for
 from clusterctl.config import STAGES, ClusterConfig, JobSpec, load_cluster, load_job
 from clusterctl.errors import UserError
-from clusterctl.render import render_stage, write_files
+from clusterctl.render import render_run, write_files
 from clusterctl.run import Run, default_runs_dir, master_port_for, new_run_id
 
 
@@ -41,10 +41,8 @@ def create_run(*, stages: list[str], cluster: ClusterConfig, job: JobSpec, runs_
         run = Run(runs_dir / new_run_id())
     port = cluster.ports.master or master_port_for(run.id)
     overrides = overrides or {}
-    files: dict[str, str] = {}
-    for stage in stages:
-        files.update(render_stage(run, stage, cluster=cluster, job=job, backend=backend,
-                                  master_port=port, overrides=overrides))
+    files = render_run(run, stages, cluster=cluster, job=job, backend=backend, master_port=port,
+                       overrides=overrides)
     run.dir.mkdir(parents=True)
     (run.dir / "logs").mkdir()
     run.write({

@@ -75,3 +75,23 @@ def prune(output_dir: Path, keep: int) -> list[str]:
         (output_dir / tag / MARKER).unlink(missing_ok=True)
         shutil.rmtree(output_dir / tag, ignore_errors=True)
     return removed + stale
+
+
+def write_hf_metadata(base_model: Path, output_dir: Path) -> Path:
+    """`<output_dir>/hf/`: the base model's config, generation config, tokenizer and code files (everything
+    but weights), which convert needs for the architecture. Replaced as a whole (tmp dir + rename)."""
+    base_model, target = Path(base_model), Path(output_dir) / "hf"
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+    tmp = target.with_name(".hf.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in sorted(base_model.iterdir()):
+        if path.is_file() and path.name != MARKER and not path.name.endswith(weights):
+            shutil.copy2(path, tmp / path.name)
+            with open(tmp / path.name, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return target

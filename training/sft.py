@@ -182,6 +182,11 @@ class Trainer:
                             f"{self.world}", where=str(self.output_dir / tag),
                             fix="resume with the same nodes x GPUs per node, or start a new output_dir")
         _, client = self.engine.load_checkpoint(str(self.output_dir), tag=tag)
+        # The restored lr is the old schedule's; recompute it so a changed max_steps/lr applies at once.
+        scheduler = self.engine.lr_scheduler
+        scheduler.base_lrs = [self.cfg.lr] * len(scheduler.base_lrs)
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
         print(f"rank {self.rank}: resumed from {self.output_dir / tag} at step {client['step']}", flush=True)
         return client["step"]
 

@@ -16,9 +16,6 @@ from clusterctl.errors import UserError
 
 MARKER = "clusterctl-complete.json"
 _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
-# DeepSpeed pickles two of its own classes into the optimizer files; stand-ins let torch.load keep
-# weights_only=True (no arbitrary code from a checkpoint) without importing deepspeed.
-_DS_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
 
 
 class _Opaque:
@@ -36,8 +33,17 @@ def load_lazy(path: str) -> dict:
     import torch
 
     try:
-        with torch.serialization.safe_globals([(_Opaque, name) for name in _DS_GLOBALS]):
+        # DeepSpeed pickles some of its own objects (enums, loss scaler, fragment addresses) that conversion
+        # never uses: stand-ins keep weights_only=True (no code runs from a checkpoint) without deepspeed.
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        foreign = [g for g in found if not g.startswith("deepspeed.")]
+        if foreign:
+            raise UserError(f"checkpoint pickles objects outside DeepSpeed: {', '.join(foreign)}", where=path,
+                            fix="only DeepSpeed ZeRO checkpoints are converted; loading this would run its code")
+        with torch.serialization.safe_globals([(_Opaque, name) for name in found]):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except UserError:
+        raise
     except Exception as exc:  # zip/pickle errors have many types; all mean the same thing here
         raise UserError(f"cannot read checkpoint file ({type(exc).__name__}: {str(exc).splitlines()[0]})",
                         where=path, fix="the file is truncated or corrupt: convert an older complete tag, "

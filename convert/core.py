@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
 from clusterctl.errors import UserError
@@ -57,29 +57,31 @@ def write_shard(ck: ZeroCheckpoint, path: str, pieces: list[Piece]) -> dict:
         raise
 
 
-def _worker(tag_dir: str, jobs: list[tuple[str, list[Piece]]]) -> list[tuple[str, dict]]:
-    """One process's share of the shards (each process maps the rank files itself)."""
-    ck = ZeroCheckpoint(tag_dir)
-    return [(path, write_shard(ck, path, pieces)) for path, pieces in jobs]
+_worker_ck: ZeroCheckpoint | None = None
 
 
-def _balanced(jobs: list, workers: int) -> list[list]:
-    buckets = [[] for _ in range(workers)]
-    sizes = [0] * workers
-    for job in sorted(jobs, key=lambda j: -sum(p.nbytes for p in j[1])):
-        i = sizes.index(min(sizes))
-        buckets[i].append(job)
-        sizes[i] += sum(p.nbytes for p in job[1])
-    return [b for b in buckets if b]
+def _init_worker(tag_dir: str) -> None:
+    """Each worker process maps the rank files once and keeps them for all its shards."""
+    global _worker_ck
+    _worker_ck = ZeroCheckpoint(tag_dir)
 
 
-def run_shards(ck: ZeroCheckpoint, jobs: list[tuple[str, list[Piece]]], workers: int) -> dict[str, dict]:
+def _worker_shard(path: str, pieces: list[Piece]) -> dict:
+    return write_shard(_worker_ck, path, pieces)
+
+
+def run_shards(ck: ZeroCheckpoint, jobs: list[tuple[str, list[Piece]]], workers: int, done) -> None:
+    """Write every shard, calling done(path, record) as each one finishes (so an interruption loses
+    only the shards in flight)."""
     if workers <= 1 or len(jobs) <= 1:
-        return {path: write_shard(ck, path, pieces) for path, pieces in jobs}
-    buckets = _balanced(jobs, workers)
-    with ProcessPoolExecutor(len(buckets), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_worker, ck.tag_dir, b) for b in buckets]
-        return {path: rec for f in futures for path, rec in f.result()}
+        for path, pieces in jobs:
+            done(path, write_shard(ck, path, pieces))
+        return
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"),
+                             initializer=_init_worker, initargs=(ck.tag_dir,)) as pool:
+        futures = {pool.submit(_worker_shard, path, pieces): path for path, pieces in jobs}
+        for future in as_completed(futures):
+            done(futures[future], future.result())
 
 
 def output_config(hf_dir: str, dtype: str) -> dict:
@@ -135,16 +137,21 @@ def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True,
     records = {name: rec for name, _ in shards if resumed and (rec := staging.finished(name))}
     todo = [(staging.path(name), ps) for name, ps in shards if name not in records]
     need = sum(p.nbytes for _, ps in todo for p in ps) + _SLACK
-    if need > staging.free_bytes():
+    free = staging.free_bytes()
+    if need > free:
+        if not records:
+            staging.discard()
         raise UserError(f"not enough disk space: the output needs {need / 2**30:.2f} GiB, "
-                        f"{staging.free_bytes() / 2**30:.2f} GiB free", where=staging.dir,
-                        fix="free space or choose another --out")
+                        f"{free / 2**30:.2f} GiB free", where=staging.dir, fix="free space or choose another --out")
     if records:
         log(f"resuming: {len(records)} of {len(shards)} shards already written and verified by hash")
     t0 = time.time()
-    for path, rec in run_shards(ck, todo, workers).items():
+
+    def done(path: str, rec: dict) -> None:
         records[os.path.basename(path)] = rec
         staging.record(os.path.basename(path), rec)
+
+    run_shards(ck, todo, workers, done)
     written = sum(p.nbytes for _, ps in todo for p in ps)
     log(f"wrote {len(todo)} shards, {written / 1e9:.3f} GB in {time.time() - t0:.1f} s")
     total = sum(p.nbytes for p in pieces)

@@ -96,6 +96,9 @@ class Staging:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.dir).free
 
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def finalize(self, marker: dict) -> None:
         """Marker last, then one rename makes `<out>` appear complete (an old complete one is replaced)."""
         shutil.rmtree(os.path.join(self.dir, _BOOK))

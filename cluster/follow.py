@@ -84,19 +84,14 @@ def follow(run: Run, *, health_timeout: float = 600.0) -> int:
 
 
 def report_endpoint(run: Run, deploy: dict, *, timeout: float) -> int:
+    from clusterctl.commands.health import print_check
     from clusterctl.health import Endpoint, check_endpoint
 
     endpoint = Endpoint(url=deploy["endpoint"], model=deploy.get("served_model") or "")
     checks = check_endpoint(endpoint, timeout=timeout)
     for check in checks:
-        click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name:<26} {check.latency_s * 1000:8.0f} ms  "
-                   f"{check.detail}", err=True)
-    click.echo(f"\nsame request by hand:\n  {checks[-1].curl}", err=True)
-    if checks[-1].answer:
-        if checks[-1].reasoning:
-            click.echo(f"sample reasoning: {checks[-1].reasoning[:300]!r}", err=True)
-        click.echo(f"sample answer:    {checks[-1].answer[:300]!r}", err=True)
-    ok = all(check.ok for check in checks)
+        print_check(check, err=True)
+    ok = len(checks) == 3 and all(check.ok for check in checks)
     click.echo(f"\nendpoint: {deploy['endpoint']}  (served model {endpoint.model})", err=True)
     click.echo(f"stop it:  clusterctl cancel {run.id}", err=True)
     return 0 if ok else 1

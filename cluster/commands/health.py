@@ -49,15 +49,16 @@ def read_api_key(api_key_file: str | None) -> str:
     return os.environ.get("VLLM_API_KEY", "")
 
 
-def _print_check(check: Check) -> None:
+def print_check(check: Check, *, err: bool = False) -> None:
+    """One check as lines (also used by `submit`'s foreground follow, on stderr there)."""
     mark = click.style("PASS", fg="green") if check.ok else click.style("FAIL", fg="red")
     tries = f"  ({check.attempts} tries)" if check.attempts > 1 else ""
-    click.echo(f"{mark}  {check.name:<27} {check.latency_s * 1000:8.1f} ms  {check.detail}{tries}")
+    click.echo(f"{mark}  {check.name:<27} {check.latency_s * 1000:8.1f} ms  {check.detail}{tries}", err=err)
     if check.reasoning:
-        click.echo(f"      reasoning: {check.reasoning}")
+        click.echo(f"      reasoning: {check.reasoning}", err=err)
     if check.ok and check.name.startswith("POST"):
-        click.echo(f"      answer: {check.answer}")
-    click.echo(f"      {check.curl}")
+        click.echo(f"      answer: {check.answer!r}", err=err)
+    click.echo(f"      {check.curl}", err=err)
 
 
 def _print_load(load: LoadResult) -> None:
@@ -104,7 +105,7 @@ def command(target, timeout, n_requests, concurrency, model, api_key_file, runs_
                                "load": load.as_dict() if load else None}, indent=2))
     else:
         for check in checks:
-            _print_check(check)
+            print_check(check)
         if load:
             _print_load(load)
     if not ok:

@@ -49,7 +49,7 @@ def test_embedded_default_pipeline_serves_then_cancels_cleanly(clusterctl, local
     submitted = clusterctl("submit", "sft", "--nodes", "2", "--cluster", local_cluster, "--json", timeout=1200)
     run = json.loads(submitted.stdout)
     try:
-        assert "ok   POST /v1/chat/completions" in submitted.stderr
+        assert "PASS  POST /v1/chat/completions" in submitted.stderr and "answer: " in submitted.stderr
         assert "curl -sS -X POST" in submitted.stderr
         stages = status(clusterctl, run["run"])["stages"]
         assert [stages[s]["state"] for s in ("sft", "convert", "deploy")] == ["COMPLETED", "COMPLETED", "RUNNING"]

@@ -116,22 +116,34 @@ def fingerprint(tag_dir: str, dtype: str, shards: list) -> dict:
     return {"checkpoint": tag_dir, "checkpoint_marker_sha256": marker, "dtype": dtype, "layout_sha256": layout}
 
 
+def resolve_with_config(checkpoint: str) -> tuple[str, str]:
+    """(tag folder, hf folder), refusing early when the trained model's config.json is not there."""
+    tag_dir, hf_dir = resolve(checkpoint)
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise UserError("config.json of the trained model is missing", where=hf_dir,
+                        fix="the SFT stage writes config.json, generation_config.json and tokenizer files there")
+    return tag_dir, hf_dir
+
+
+def open_and_plan(tag_dir: str, hf_dir: str, dtype: str) -> tuple[ZeroCheckpoint, list[Piece]]:
+    """The mapped checkpoint and the output tensors it becomes (shared with the swap sizing)."""
+    ck = ZeroCheckpoint(tag_dir)
+    log(f"checkpoint {tag_dir}: ZeRO-{ck.stage}, {ck.world} ranks, {len(ck.params)} parameters")
+    names = list(ck.params) + list(ck.buffers) + list(ck.shared)
+    pieces = plan(meta_model(hf_dir), {n: ck.shape(n) for n in names}, {n: ck.dtype(n) for n in names},
+                  dtype, aliases=set(ck.shared))
+    return ck, pieces
+
+
 def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True, workers: int = 1,
             force: bool = False, max_shard_bytes: int = 5 * 10**9) -> dict:
     """Convert and return the marker written into the finished folder."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix=f"use one of {', '.join(DTYPES)}")
     started = time.time()
-    tag_dir, hf_dir = resolve(checkpoint)
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise UserError("config.json of the trained model is missing", where=hf_dir,
-                        fix="the SFT stage writes config.json, generation_config.json and tokenizer files there")
+    tag_dir, hf_dir = resolve_with_config(checkpoint)
     staging = Staging(out, force)
-    ck = ZeroCheckpoint(tag_dir)
-    log(f"checkpoint {tag_dir}: ZeRO-{ck.stage}, {ck.world} ranks, {len(ck.params)} parameters")
-    names = [n for n in list(ck.params) + list(ck.buffers) + list(ck.shared)]
-    pieces = plan(meta_model(hf_dir), {n: ck.shape(n) for n in names}, {n: ck.dtype(n) for n in names},
-                  dtype, aliases=set(ck.shared))
+    ck, pieces = open_and_plan(tag_dir, hf_dir, dtype)
     shards = shards_of(pieces, max_shard_bytes)
     resumed = staging.prepare(fingerprint(tag_dir, dtype, shards))
     records = {name: rec for name, _ in shards if resumed and (rec := staging.finished(name))}

@@ -13,22 +13,20 @@ from clusterctl.health import Check, Endpoint, LoadResult, check_endpoint, load_
 
 
 def endpoint_of_run(run_dir: Path) -> Endpoint:
-    """The endpoint a deploy recorded: run.json `stages.deploy.endpoint`, else state/deploy/endpoint.json
-    (written by the deploy head as soon as vLLM is healthy, before the orchestrator copies it)."""
+    """The endpoint a deploy recorded: run.json `stages.deploy` (endpoint URL + served_model), else
+    state/deploy/endpoint.json (written by the deploy head as soon as vLLM is healthy)."""
     try:
-        stages = json.loads((run_dir / "run.json").read_text()).get("stages") or {}
-        record = (stages.get("deploy") or {}).get("endpoint")
+        deploy = (json.loads((run_dir / "run.json").read_text()).get("stages") or {}).get("deploy") or {}
     except (OSError, ValueError):
-        record = None
-    if not record:
-        try:
-            record = json.loads((run_dir / "state" / "deploy" / "endpoint.json").read_text())
-        except FileNotFoundError:
-            raise UserError(f"{run_dir} has no deploy endpoint yet (no stages.deploy.endpoint in run.json, "
-                            "no state/deploy/endpoint.json)",
-                            fix=f"check the deploy stage with `clusterctl status {run_dir.name}`, or pass the URL") from None
-    if isinstance(record, str):
-        return Endpoint(url=record)
+        deploy = {}
+    if deploy.get("endpoint"):
+        return Endpoint(url=deploy["endpoint"], model=deploy.get("served_model") or "")
+    try:
+        record = json.loads((run_dir / "state" / "deploy" / "endpoint.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no deploy endpoint yet (no stages.deploy.endpoint in run.json, "
+                        "no state/deploy/endpoint.json)",
+                        fix=f"check the deploy stage with `clusterctl status {run_dir.name}`, or pass the URL") from None
     return Endpoint(url=record["url"], model=record.get("model", ""))
 
 
@@ -109,4 +107,4 @@ def command(target, timeout, n_requests, concurrency, model, api_key_file, runs_
         if load:
             _print_load(load)
     if not ok:
-        raise click.exceptions.Exit(1)
+        raise SystemExit(1)

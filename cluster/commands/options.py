@@ -8,3 +8,11 @@ cluster_file = click.option("--cluster", "cluster_file", type=click.Path(dir_oka
                             help="cluster.yaml (default: the local backend on this machine).")
 job_file = click.option("--job", "job_file",
                         help="Job spec YAML, or a built-in example name (default: the tiny DeepSeek-V3 job).")
+detach = click.option("--detach", is_flag=True, help="Local backend: return once submitted instead of following.")
+
+
+def run_options(command):
+    """The options of every verb that creates a run: cluster, job, runs folder, detach, JSON."""
+    for option in reversed((cluster_file, job_file, runs_dir, detach, as_json)):
+        command = option(command)
+    return command

@@ -8,7 +8,7 @@ from clusterctl.commands.submit import finish
 @click.command("retry")
 @click.argument("run")
 @options.runs_dir
-@click.option("--detach", is_flag=True, help="Local backend: return at once.")
+@options.detach
 @options.as_json
 def command(run, runs_dir, detach, as_json):
     """Run RUN's stages that did not complete again; SFT resumes from its last complete checkpoint."""

@@ -17,11 +17,7 @@ def _run_alone(stage, run, overrides, nodes, cluster_file, job_file, runs_dir, d
 @click.argument("run", required=False)
 @click.option("--checkpoint", type=click.Path(exists=True), help="DeepSpeed checkpoint folder (default: RUN's SFT output).")
 @click.option("--out", "model_out", type=click.Path(), help="Output model folder (default: in the new run folder).")
-@options.cluster_file
-@options.job_file
-@options.runs_dir
-@click.option("--detach", is_flag=True, help="Local backend: return at once.")
-@options.as_json
+@options.run_options
 def convert_command(run, checkpoint, model_out, cluster_file, job_file, runs_dir, detach, as_json):
     """Convert RUN's training checkpoint (default: the newest run) to Hugging Face safetensors."""
     _run_alone("convert", run, {"checkpoint": checkpoint, "model_out": model_out}, None,
@@ -32,11 +28,7 @@ def convert_command(run, checkpoint, model_out, cluster_file, job_file, runs_dir
 @click.argument("run", required=False)
 @click.option("--nodes", type=click.IntRange(min=1), help="Nodes to serve from (default: the job spec's).")
 @click.option("--model", type=click.Path(exists=True), help="HF model folder (default: RUN's converted model).")
-@options.cluster_file
-@options.job_file
-@options.runs_dir
-@click.option("--detach", is_flag=True, help="Local backend: return once submitted.")
-@options.as_json
+@options.run_options
 def deploy_command(run, nodes, model, cluster_file, job_file, runs_dir, detach, as_json):
     """Serve RUN's converted model (default: the newest run) with Ray + vLLM."""
     _run_alone("deploy", run, {"model": model}, nodes, cluster_file, job_file, runs_dir, detach, as_json)

@@ -10,12 +10,8 @@ from clusterctl.commands import options
 @click.argument("first_stage", type=click.Choice(["sft", "convert", "deploy"]), default="sft")
 @click.option("--nodes", type=click.IntRange(min=1), help="Nodes of the SFT stage (overrides the job spec).")
 @click.option("--stages", "stages_text", help="Stages to chain, e.g. sft or sft,convert (default: from FIRST_STAGE on).")
-@options.cluster_file
-@options.job_file
-@options.runs_dir
 @click.option("--dry-run", is_flag=True, help="Render the run folder, submit nothing.")
-@click.option("--detach", is_flag=True, help="Local backend: return at once instead of following the run.")
-@options.as_json
+@options.run_options
 def command(first_stage, nodes, stages_text, cluster_file, job_file, runs_dir, dry_run, detach, as_json):
     """Render one script per node for each stage and submit the chain (sft -> convert -> deploy).
 

@@ -274,10 +274,22 @@ class Trainer:
         return PREEMPTED_EXIT_CODE if preempted else 0
 
 
+def die_with_launcher() -> None:
+    """torchrun starts every rank in a session of its own, so killing the node script's process group
+    would leave the ranks running as orphans: have the kernel kill this rank when its launcher dies."""
+    if sys.platform != "linux" or "LOCAL_RANK" not in os.environ:
+        return
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:                                            # the launcher died before prctl
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clusterctl.training.sft", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="train.json (TrainConfig)")
     args = parser.parse_args(argv)
+    die_with_launcher()
     # DeepSpeed calls torch's old collective names every step; one warning per call floods the node logs.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     cfg = TrainConfig.load(args.config)

@@ -2,21 +2,13 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import click
 
 from clusterctl.errors import UserError
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.match(text)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
-    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " "))
+from .units import parse_size
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

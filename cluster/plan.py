@@ -1,0 +1,285 @@
+"""Memory planner for full-parameter SFT with DeepSpeed ZeRO-2/3 (+offload) and Ulysses SP. No torch.
+
+Symbols: P parameters (from config.json), W = nodes x gpus_per_node ranks, S = sequence parallel size,
+B micro-batch, L sequence length, T = B*L/S tokens per rank, h hidden size, V vocabulary, n layers,
+Pmax the largest single module's own parameters (for DeepSeek-V3 on transformers 5: one layer's fused
+experts, 256 x 3 x 7168 x 2048 = 11.3 B), b = 2 bytes (bf16).
+
+Per GPU (model states follow DeepSpeed's own estimators, estimate_zero{2,3}_model_states_mem_needs):
+  ZeRO-3  params     b*P/W                (0 with offload_param: they live in host RAM)
+          grads+opt  16*P/W               fp32 grad partition 4 + fp32 master/m/v 12 (0 with offload_optimizer)
+          working    2*b*Pmax             the gathered largest module and its full gradient before reduce
+          buckets    b*(prefetch + reduce bucket elements)
+  ZeRO-2  params     b*P, grads b*P       every rank holds all bf16 params and, in backward, all grads
+          opt        16*P/W               (0 with offload_optimizer)
+  activations, gradient checkpointing on:
+          n*T*h*b                         each layer's checkpointed input
+        + 2 * layer(T)                    one layer recomputed and its activation grads
+        + T*V*(b + 4 + 4)                 logits in bf16, their fp32 copy for the loss, its fp32 grad
+    layer(T) = b*T*(attention widths + MLP widths): MLA q/kv low-rank and per-head projections, the
+    attention output, Ulysses' all-to-all copies of q/k/v/out; MoE: top_k routed experts + shared experts
+    (3 x moe_intermediate each) + router scores; dense layers 3 x intermediate.
+    Without checkpointing every layer keeps layer(T): n * layer(T) instead of the first two terms.
+  runtime  CUDA context, NCCL and allocator slack: runtime_gib (default 3 GiB; 0 on CPU-only runs)
+
+Host RAM per node (gpus_per_node ranks):
+  offload_optimizer  16*P/W per rank (fp32 master, m, v, fp32 grads), pinned
+  offload_param      b*P/W per rank
+  loading            the largest checkpoint shard file being read (assumed 5 GiB; zero.Init partitions
+                     while loading, so the whole model never sits in RAM)
+  per process        host_runtime_gib per rank (Python, torch, CUDA libraries; default 4 GiB)
+Everything is rounded up by `buffer_factor` (1.1): allocator fragmentation and temporaries.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from clusterctl.errors import UserError
+
+GIB = 1024 ** 3
+BF16 = 2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on, read from a Hugging Face config.json (DeepSeek-V3 or a dense Llama-like)."""
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    dense_layers: int = 0           # first_k_dense_replace (MoE models)
+    moe_intermediate: int = 0
+    routed_experts: int = 0
+    shared_experts: int = 0
+    top_k: int = 0
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0           # > 0: DeepSeek MLA
+    qk_nope: int = 0
+    qk_rope: int = 0
+    v_head: int = 0
+    tied: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict, where: str = "config.json") -> "ModelShape":
+        try:
+            heads = cfg["num_attention_heads"]
+            shape = dict(vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
+                         heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
+                         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                         intermediate=cfg["intermediate_size"], tied=bool(cfg.get("tie_word_embeddings", False)))
+        except KeyError as exc:
+            raise UserError(f"missing {exc.args[0]}", where=where, fix="give a Hugging Face causal LM config.json")
+        if cfg.get("n_routed_experts"):
+            shape.update(dense_layers=cfg.get("first_k_dense_replace", 0), moe_intermediate=cfg["moe_intermediate_size"],
+                         routed_experts=cfg["n_routed_experts"], shared_experts=cfg.get("n_shared_experts") or 0,
+                         top_k=cfg["num_experts_per_tok"])
+        if cfg.get("kv_lora_rank"):
+            shape.update(q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=cfg["kv_lora_rank"],
+                         qk_nope=cfg["qk_nope_head_dim"], qk_rope=cfg["qk_rope_head_dim"], v_head=cfg["v_head_dim"])
+        return cls(**shape)
+
+    # -- parameter counts ---------------------------------------------------------------------------
+    def attention_params(self) -> int:
+        h, H = self.hidden, self.heads
+        if self.kv_lora_rank:
+            qk = self.qk_nope + self.qk_rope
+            q = (h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * qk) if self.q_lora_rank else h * H * qk
+            kv = h * (self.kv_lora_rank + self.qk_rope) + self.kv_lora_rank + self.kv_lora_rank * H * (self.qk_nope + self.v_head)
+            return q + kv + H * self.v_head * h
+        d = self.head_dim
+        return h * H * d + 2 * h * self.kv_heads * d + H * d * h
+
+    def experts_params(self) -> int:
+        """The routed experts of one MoE layer: one fused module in transformers 5."""
+        return self.routed_experts * 3 * self.hidden * self.moe_intermediate
+
+    def mlp_params(self, moe: bool) -> int:
+        if not moe:
+            return 3 * self.hidden * self.intermediate
+        shared = self.shared_experts * 3 * self.hidden * self.moe_intermediate
+        return self.experts_params() + shared + self.routed_experts * self.hidden
+
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.routed_experts else 0
+
+    def params(self) -> int:
+        per_layer_common = self.attention_params() + 2 * self.hidden
+        dense = self.layers - self.moe_layers()
+        total = self.layers * per_layer_common + dense * self.mlp_params(False)
+        total += self.moe_layers() * self.mlp_params(True)
+        return total + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def largest_module_params(self) -> int:
+        candidates = [self.vocab * self.hidden, self.attention_params(), 3 * self.hidden * self.intermediate]
+        if self.routed_experts:
+            candidates.append(self.experts_params())
+        return max(candidates)
+
+    # -- activations of one layer for T tokens on this rank -----------------------------------------
+    def layer_activation_bytes(self, tokens: int) -> int:
+        h, H = self.hidden, self.heads
+        if self.kv_lora_rank:
+            qk = self.qk_nope + self.qk_rope
+            attention = (self.q_lora_rank + self.kv_lora_rank + self.qk_rope + H * qk      # low-rank, q
+                         + H * (self.qk_nope + self.v_head) + H * qk + H * self.v_head)  # kv_b out, k, attn out
+            exchanged = H * (2 * qk + 2 * self.v_head)                                    # Ulysses all-to-all copies
+        else:
+            d = self.head_dim
+            attention = H * d + 2 * self.kv_heads * d + H * d
+            exchanged = 2 * H * d + 2 * self.kv_heads * d
+        mlp = 3 * self.intermediate
+        if self.routed_experts:
+            moe = (self.top_k + self.shared_experts) * 3 * self.moe_intermediate + 2 * self.routed_experts
+            mlp = max(mlp if self.dense_layers else 0, moe)
+        return BF16 * tokens * (attention + exchanged + mlp + 4 * h)
+
+
+@dataclass(frozen=True)
+class Setup:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    sp: int = 1
+    zero: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    micro_batch: int = 1
+    seq_len: int = 4096
+    gradient_checkpointing: bool = True
+    gpu_memory_gib: float = 80.0
+    host_memory_gib: float = 2048.0
+    runtime_gib: float = 3.0            # CUDA context, NCCL, allocator slack per GPU
+    host_runtime_gib: float = 4.0       # per rank process on the host
+    prefetch_bucket: float = 5e8        # elements (DeepSpeed stage3_prefetch_bucket_size)
+    reduce_bucket: float = 5e8          # elements (reduce_bucket_size)
+    load_shard_gib: float = 5.0
+    buffer_factor: float = 1.1
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    params: int
+    largest_module: int
+    gpu: dict          # component -> bytes, per GPU
+    host: dict         # component -> bytes, per node
+
+    @property
+    def gpu_total(self) -> float:
+        return sum(self.gpu.values()) * self.setup.buffer_factor
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values()) * self.setup.buffer_factor
+
+    @property
+    def fits_gpu(self) -> bool:
+        return self.gpu_total <= self.setup.gpu_memory_gib * GIB
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_total <= self.setup.host_memory_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+    def to_dict(self) -> dict:
+        gib = lambda d: {k: round(v / GIB, 3) for k, v in d.items()}          # noqa: E731
+        return {"setup": asdict(self.setup), "params": self.params, "largest_module_params": self.largest_module,
+                "gpu_gib": gib(self.gpu), "gpu_total_gib": round(self.gpu_total / GIB, 3), "fits_gpu": self.fits_gpu,
+                "host_gib": gib(self.host), "host_total_gib": round(self.host_total / GIB, 3),
+                "fits_host": self.fits_host, "fits": self.fits}
+
+
+def validate(shape: ModelShape, s: Setup) -> None:
+    if s.zero not in (2, 3):
+        raise UserError("ZeRO stage must be 2 or 3", where="--zero")
+    if s.offload_param and s.zero != 3:
+        raise UserError("parameter offload needs ZeRO stage 3", where="--offload-param", fix="add --zero 3")
+    if s.world % s.sp:
+        raise UserError(f"sp {s.sp} does not divide {s.world} GPUs", where="--sp")
+    if shape.heads % s.sp:
+        raise UserError(f"sp {s.sp} does not divide the model's {shape.heads} attention heads", where="--sp",
+                        fix="Ulysses splits heads across the sp group: choose a divisor of the head count")
+
+
+def plan(shape: ModelShape, s: Setup) -> Plan:
+    validate(shape, s)
+    P, W, big = shape.params(), s.world, shape.largest_module_params()
+    tokens = math.ceil(s.micro_batch * s.seq_len / s.sp)
+    gpu: dict = {}
+    if s.zero == 3:
+        gpu["params"] = 0 if s.offload_param else BF16 * P / W
+        gpu["grads+optimizer"] = 0 if s.offload_optimizer else 16 * P / W
+        gpu["gathered module+grad"] = 2 * BF16 * big
+        gpu["buckets"] = BF16 * (s.prefetch_bucket + s.reduce_bucket)
+    else:
+        gpu["params"] = BF16 * P
+        gpu["grads"] = BF16 * P
+        gpu["optimizer"] = 0 if s.offload_optimizer else 16 * P / W
+        gpu["buckets"] = BF16 * s.reduce_bucket
+    layer = shape.layer_activation_bytes(tokens)
+    if s.gradient_checkpointing:
+        gpu["activations"] = shape.layers * tokens * shape.hidden * BF16 + 2 * layer
+    else:
+        gpu["activations"] = shape.layers * layer
+    gpu["logits+loss"] = tokens * shape.vocab * (BF16 + 4 + 4)
+    gpu["runtime"] = s.runtime_gib * GIB
+    per_rank = (16 * P / W if s.offload_optimizer else 0) + (BF16 * P / W if s.offload_param else 0)
+    host = {"offloaded states": per_rank * s.gpus_per_node, "loading": s.load_shard_gib * GIB,
+            "processes": s.host_runtime_gib * GIB * s.gpus_per_node}
+    return Plan(s, P, big, gpu, host)
+
+
+def suggest(shape: ModelShape, s: Setup) -> tuple[str, Plan] | None:
+    """The smallest change (first in this order) that makes the plan fit, with its plan."""
+    tries = []
+    if not s.offload_optimizer:
+        tries.append(("add --offload (optimizer states to host RAM)", replace(s, offload_optimizer=True)))
+    if s.zero == 2:
+        tries.append(("use --zero 3", replace(s, zero=3)))
+    if not s.offload_param:
+        tries.append(("add --offload --offload-param (ZeRO-3: parameters to host RAM too)",
+                      replace(s, zero=3, offload_optimizer=True, offload_param=True)))
+    if s.micro_batch > 1:
+        tries.append(("use --micro-batch 1 (raise gradient accumulation instead)", replace(s, micro_batch=1)))
+    for sp in (2, 4, 8, 16, 32):
+        if sp > s.sp and s.world % sp == 0 and shape.heads % sp == 0:
+            tries.append((f"use --sp {sp} (sequence parallel: 1/{sp} of each sequence per GPU)", replace(s, sp=sp)))
+    for factor in (2, 4, 8):
+        tries.append((f"use --nodes {s.nodes * factor}", replace(s, nodes=s.nodes * factor)))
+    for text, candidate in tries:
+        try:
+            result = plan(shape, candidate)
+        except UserError:
+            continue
+        if result.fits:
+            return text, result
+    return None
+
+
+def load_shape(model: str) -> ModelShape:
+    """A model folder, a config.json, or the built-in tiny model."""
+    from clusterctl.training.config import BUILTIN_TINY_MODEL
+    if model == BUILTIN_TINY_MODEL:
+        from clusterctl.training.tiny import MODEL_SHAPE, VOCAB_SIZE
+        return ModelShape.from_config({**MODEL_SHAPE, "vocab_size": VOCAB_SIZE, "intermediate_size": 256}, model)
+    path = Path(model)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        return ModelShape.from_config(json.loads(path.read_text()), str(path))
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}", where="--model",
+                        fix="give a Hugging Face model folder or its config.json") from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"not JSON: {exc.msg} (line {exc.lineno})", where=str(path)) from exc

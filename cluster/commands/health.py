@@ -33,6 +33,8 @@ def endpoint_of_run(run_dir: Path) -> Endpoint:
 def resolve_target(target: str, runs_dir: str | None) -> Endpoint:
     if target.startswith(("http://", "https://")):
         return Endpoint(url=target.rstrip("/"))
+    if Path(target).is_dir():
+        return endpoint_of_run(Path(target))
     from clusterctl.run import find_run
     return endpoint_of_run(find_run(runs_dir, target).dir)
 

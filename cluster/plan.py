@@ -9,7 +9,7 @@ Per GPU (model states follow DeepSpeed's own estimators, estimate_zero{2,3}_mode
   ZeRO-3  params     b*P/W                (0 with offload_param: they live in host RAM)
           grads+opt  16*P/W               fp32 grad partition 4 + fp32 master/m/v 12 (0 with offload_optimizer)
           working    2*b*Pmax             the gathered largest module and its full gradient before reduce
-          buckets    b*(prefetch + reduce bucket elements)
+          buckets    b*(prefetch + reduce bucket elements), each at most P
   ZeRO-2  params     b*P, grads b*P       every rank holds all bf16 params and, in backward, all grads
           opt        16*P/W               (0 with offload_optimizer)
   activations, gradient checkpointing on:
@@ -222,12 +222,12 @@ def plan(shape: ModelShape, s: Setup) -> Plan:
         gpu["params"] = 0 if s.offload_param else BF16 * P / W
         gpu["grads+optimizer"] = 0 if s.offload_optimizer else 16 * P / W
         gpu["gathered module+grad"] = 2 * BF16 * big
-        gpu["buckets"] = BF16 * (s.prefetch_bucket + s.reduce_bucket)
+        gpu["buckets"] = BF16 * (min(s.prefetch_bucket, P) + min(s.reduce_bucket, P))
     else:
         gpu["params"] = BF16 * P
         gpu["grads"] = BF16 * P
         gpu["optimizer"] = 0 if s.offload_optimizer else 16 * P / W
-        gpu["buckets"] = BF16 * s.reduce_bucket
+        gpu["buckets"] = BF16 * min(s.reduce_bucket, P)
     layer = shape.layer_activation_bytes(tokens)
     if s.gradient_checkpointing:
         gpu["activations"] = shape.layers * tokens * shape.hidden * BF16 + 2 * layer
@@ -241,30 +241,54 @@ def plan(shape: ModelShape, s: Setup) -> Plan:
     return Plan(s, P, big, gpu, host)
 
 
+def _offload(shape, s):
+    return [] if s.offload_optimizer else [("add --offload (optimizer states to host RAM)",
+                                           replace(s, offload_optimizer=True))]
+
+
+def _zero3(shape, s):
+    return [("use --zero 3", replace(s, zero=3))] if s.zero == 2 else []
+
+
+def _offload_param(shape, s):
+    return [] if s.offload_param else [("add --offload-param with --zero 3 (parameters to host RAM too)",
+                                       replace(s, zero=3, offload_optimizer=True, offload_param=True))]
+
+
+def _micro_batch(shape, s):
+    return [("use --micro-batch 1 (raise gradient accumulation)", replace(s, micro_batch=1))] if s.micro_batch > 1 else []
+
+
+def _sp(shape, s):
+    return [(f"use --sp {sp}", replace(s, sp=sp)) for sp in (2, 4, 8, 16, 32, 64)
+            if sp > s.sp and s.world % sp == 0 and shape.heads % sp == 0]
+
+
+def _nodes(shape, s):
+    return [(f"use --nodes {s.nodes * k}", replace(s, nodes=s.nodes * k)) for k in (2, 4, 8)]
+
+
+CHANGES = (_offload, _zero3, _offload_param, _micro_batch, _sp, _nodes)     # cheapest first
+
+
 def suggest(shape: ModelShape, s: Setup) -> tuple[str, Plan] | None:
-    """The smallest change (first in this order) that makes the plan fit, with its plan."""
-    tries = []
-    if not s.offload_optimizer:
-        tries.append(("add --offload (optimizer states to host RAM)", replace(s, offload_optimizer=True)))
-    if s.zero == 2:
-        tries.append(("use --zero 3", replace(s, zero=3)))
-    if not s.offload_param:
-        tries.append(("add --offload --offload-param (ZeRO-3: parameters to host RAM too)",
-                      replace(s, zero=3, offload_optimizer=True, offload_param=True)))
-    if s.micro_batch > 1:
-        tries.append(("use --micro-batch 1 (raise gradient accumulation instead)", replace(s, micro_batch=1)))
-    for sp in (2, 4, 8, 16, 32):
-        if sp > s.sp and s.world % sp == 0 and shape.heads % sp == 0:
-            tries.append((f"use --sp {sp} (sequence parallel: 1/{sp} of each sequence per GPU)", replace(s, sp=sp)))
-    for factor in (2, 4, 8):
-        tries.append((f"use --nodes {s.nodes * factor}", replace(s, nodes=s.nodes * factor)))
-    for text, candidate in tries:
-        try:
-            result = plan(shape, candidate)
-        except UserError:
+    """The smallest change that makes the plan fit: one change if one suffices (cheapest first), else
+    the changes accumulated in that order (each the smallest that fits, or its largest when none does).
+    Returns (what to change, the resulting plan)."""
+    for change in CHANGES:
+        for text, candidate in change(shape, s):
+            if plan(shape, candidate).fits:
+                return text, plan(shape, candidate)
+    current, applied = s, []
+    for change in CHANGES:
+        alternatives = change(shape, current)
+        if not alternatives:
             continue
-        if result.fits:
-            return text, result
+        fitting = [(t, c) for t, c in alternatives if plan(shape, c).fits]
+        text, current = fitting[0] if fitting else alternatives[-1]
+        applied.append(text)
+        if fitting:
+            return "; ".join(applied), plan(shape, current)
     return None
 
 

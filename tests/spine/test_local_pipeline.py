@@ -101,3 +101,27 @@ def test_killing_one_node_fails_the_stage_and_cancels_the_rest(clusterctl, local
     assert stages["convert"]["state"] == stages["deploy"]["state"] == "CANCELLED"
     assert stages["convert"]["reason"] == "sft failed"
     assert processes_of(run["dir"]) == []
+
+
+@pytest.mark.slow
+def test_retry_resumes_sft_from_its_last_complete_checkpoint(clusterctl, local_cluster, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("sft: {nodes: 2, max_steps: 120, max_length: 128, micro_batch: 1, grad_accum: 1,"
+                   " offload_optimizer: false, offload_param: false, save_steps: 3, save_total_limit: 1,"
+                   " gradient_checkpointing: false}\n")
+    run = json.loads(clusterctl("submit", "sft", "--stages", "sft", "--cluster", local_cluster, "--job", job,
+                                "--detach", "--json").stdout)
+    checkpoints = Path(run["dir"]) / "sft" / "checkpoints"
+    deadline = time.time() + 600
+    while not list(checkpoints.glob("*/clusterctl-complete.json")):
+        assert time.time() < deadline, "no complete checkpoint was written"
+        time.sleep(0.5)
+    clusterctl("cancel", run["run"])
+    saved = json.loads((Path(run["dir"]) / "sft" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    metrics = Path(run["dir"]) / "sft" / "metrics.jsonl"
+    lines_before = len(metrics.read_text().splitlines())
+    clusterctl("retry", run["run"], timeout=900)
+    after = [json.loads(line) for line in metrics.read_text().splitlines()[lines_before:]]
+    assert status(clusterctl, run["run"])["stages"]["sft"]["state"] == "COMPLETED"
+    assert after and after[-1]["step"] == 120
+    assert 1 < after[0]["step"] <= saved + 1   # resumed after a saved step, not from step 1

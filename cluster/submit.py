@@ -88,19 +88,41 @@ def _outputs(run: Run, stage: str, overrides: dict) -> dict:
     return {"endpoint": ""}
 
 
+def check_memory(job: JobSpec, cluster: ClusterConfig) -> None:
+    """Refuse an SFT job that cannot fit the cluster's GPU (or known host) memory: the planner's
+    verdict and its smallest fix, before hours are spent in a queue. CPU-only clusters skip it."""
+    if not cluster.gpus_per_node or job.engine != "clusterctl":
+        return
+    from clusterctl.plan import GIB, Setup, load_shape, plan, suggest
+
+    t = job.train
+    setup = Setup(nodes=job.sft_nodes, gpus_per_node=cluster.gpus_per_node, sp=t.sequence_parallel,
+                  zero=t.zero_stage, offload_optimizer=t.offload_optimizer, offload_param=t.offload_param,
+                  micro_batch=t.micro_batch, seq_len=t.max_length, gradient_checkpointing=t.gradient_checkpointing,
+                  gpu_memory_gib=cluster.gpu_memory_gib, host_memory_gib=cluster.host_memory_gib or float("inf"))
+    shape = load_shape(job.model)
+    result = plan(shape, setup)
+    if result.fits:
+        return
+    where = ("GPU", result.gpu_total, setup.gpu_memory_gib) if not result.fits_gpu else \
+        ("host RAM", result.host_total, setup.host_memory_gib)
+    fix = suggest(shape, setup)
+    raise UserError(f"the SFT job needs {where[1] / GIB:.1f} GiB of {where[0]} per "
+                    f"{'GPU' if where[0] == 'GPU' else 'node'} but has {where[2]:g} GiB",
+                    where=job.source,
+                    fix=(f"{fix[0]} (then {fix[1].gpu_total / GIB:.1f} GiB per GPU); " if fix else "")
+                    + "see `clusterctl plan`, or pass --force to submit anyway")
+
+
 def submit(*, first_stage: str, stages_text: str | None, sft_nodes: int | None, cluster_file: str | None,
-           job_file: str | None, runs_dir: str | None, dry_run: bool, overrides: dict | None = None,
-           deploy_nodes: int | None = None) -> Run:
+           job_file: str | None, runs_dir: str | None, dry_run: bool, force: bool = False) -> Run:
     stages = parse_stages(stages_text) if stages_text else list(STAGES[STAGES.index(first_stage):])
     cluster = load_cluster(cluster_file)
     job = load_job(job_file, sft_nodes=sft_nodes, cluster=cluster, check_paths="sft" in stages)
-    if deploy_nodes:
-        job.deploy.nodes = deploy_nodes
-        if cluster.backend == "ssh" and deploy_nodes > len(cluster.hosts):
-            raise UserError(f"deploy asks for {deploy_nodes} nodes but {cluster.source} lists "
-                            f"{len(cluster.hosts)} hosts", where="--nodes", fix="add hosts or lower --nodes")
+    if "sft" in stages and not force:
+        check_memory(job, cluster)
     return create_run(stages=stages, cluster=cluster, job=job, runs_dir=runs_root(runs_dir, cluster),
-                      overrides=overrides, dry_run=dry_run)
+                      dry_run=dry_run)
 
 
 def submit_stage_alone(stage: str, *, base_run: str | None, runs_dir: str | None, cluster_file: str | None,

@@ -11,8 +11,9 @@ from clusterctl.commands import options
 @click.option("--nodes", type=click.IntRange(min=1), help="Nodes of the SFT stage (overrides the job spec).")
 @click.option("--stages", "stages_text", help="Stages to chain, e.g. sft or sft,convert (default: from FIRST_STAGE on).")
 @click.option("--dry-run", is_flag=True, help="Render the run folder, submit nothing.")
+@click.option("--force", is_flag=True, help="Submit even if the memory planner says SFT will not fit.")
 @options.run_options
-def command(first_stage, nodes, stages_text, cluster_file, job_file, runs_dir, dry_run, detach, as_json):
+def command(first_stage, nodes, stages_text, dry_run, force, cluster_file, job_file, runs_dir, detach, as_json):
     """Render one script per node for each stage and submit the chain (sft -> convert -> deploy).
 
     Prints the run id and folder. On the local backend it follows the run in the foreground
@@ -20,7 +21,7 @@ def command(first_stage, nodes, stages_text, cluster_file, job_file, runs_dir, d
     from clusterctl.submit import submit
 
     run = submit(first_stage=first_stage, stages_text=stages_text, sft_nodes=nodes, cluster_file=cluster_file,
-                 job_file=job_file, runs_dir=runs_dir, dry_run=dry_run)
+                 job_file=job_file, runs_dir=runs_dir, dry_run=dry_run, force=force)
     finish(run, dry_run=dry_run, detach=detach, as_json=as_json)
 
 

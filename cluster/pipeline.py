@@ -4,16 +4,16 @@ sibling nodes and cancels the stages after it. `python -m clusterctl.pipeline RU
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from clusterctl.backends.base import SupervisedBackend, backend_for
-from clusterctl.config import ClusterConfig
+from clusterctl.config import load_cluster
 from clusterctl.errors import UserError
 from clusterctl.run import FINISHED, Run
-from clusterctl.schema import parse
 
 POLL_SECONDS = 0.2
 
@@ -33,8 +33,7 @@ def _describe_exit(code: int) -> str:
 class Supervisor:
     def __init__(self, run: Run):
         self.run = run
-        data = run.read()
-        self.backend: SupervisedBackend = backend_for(parse(ClusterConfig, data["cluster"], "run.json"))
+        self.backend: SupervisedBackend = backend_for(load_cluster(str(run.dir / "cluster.yaml")))
         self.cancel_requested = False
 
     def request_cancel(self, *_):
@@ -64,8 +63,8 @@ class Supervisor:
         except UserError as exc:
             run.set_stage(stage, state="FAILED", reason=str(exc))
             return False
-        for stale in run.state_dir(stage).glob("node-*"):
-            stale.unlink()   # markers of an earlier attempt must not be mistaken for this one's
+        # Markers of an earlier attempt (pid, exit, endpoint) must not be mistaken for this one's.
+        shutil.rmtree(run.state_dir(stage), ignore_errors=True)
         nodes = {rank: self.backend.start_node(run, stage, rank, host) for rank, host in enumerate(hosts)}
         run.set_stage(stage, state="RUNNING", node_states={str(r): "RUNNING" for r in nodes})
         node_states = {r: "RUNNING" for r in nodes}

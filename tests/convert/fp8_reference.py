@@ -47,10 +47,10 @@ def make_fp8_folder(path: str, shapes: dict[str, tuple], seed: int = 0, shards: 
             tensors[name] = torch.randn(shape, generator=g).to(torch.bfloat16)
         else:
             tensors[name], tensors[name + "_scale_inv"] = quantize(torch.randn(shape, generator=g) * 0.02)
-    names = sorted(tensors)
+    bases = sorted(shapes)                 # a weight and its scale share a shard, as in the release
     weight_map = {}
     for k in range(shards):
-        part = names[k::shards]
+        part = [n for b in bases[k::shards] for n in (b, b + "_scale_inv") if n in tensors]
         file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         save_file({n: tensors[n] for n in part}, os.path.join(path, file), metadata={"format": "pt"})
         weight_map.update({n: file for n in part})

@@ -1,0 +1,220 @@
+"""Benchmark: clusterctl's streaming converter against the tools people use, in one run, one table.
+
+Real ZeRO-3 checkpoints are written by DeepSpeed on 2 CPU ranks (one training step) for DeepSeek-V3-
+architecture models of ~100M parameters and, with --large, ~400M (training that one needs ~13 GiB).
+Every tool runs as its own process with a warm page cache; wall time, throughput (fp32 weight bytes per
+second: what every converter must read) and peak memory (max RSS and peak anonymous memory, sampled
+over the process tree) are printed with ratios.  The FP8 -> BF16 cast is compared with the official
+per-block dequantisation (same bits, time, memory).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/convert/bench_convert.py [--large] [--work DIR] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+MAKE = os.path.join(ROOT, "tests", "convert", "make_checkpoint.py")
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests", "convert"))
+
+from measure import measure  # noqa: E402
+
+PY = sys.executable
+SIZES = {"100M": ["--layers", "13", "--hidden", "512", "--experts", "16"],
+         "400M": ["--layers", "14", "--hidden", "1024", "--experts", "16"]}
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+GiB = 2 ** 30
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV}, **kw)
+    if r.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+
+
+def checkpoint(work: str, size: str) -> str:
+    """A real ZeRO-3 checkpoint (cached in the work folder: it takes a minute or more to train)."""
+    ck = os.path.join(work, size, "checkpoints")
+    if glob.glob(os.path.join(ck, "*", "clusterctl-complete.json")):
+        return ck
+    base = os.path.join(work, size, "base")
+    shutil.rmtree(os.path.join(work, size), ignore_errors=True)
+    print(f"building the {size} checkpoint (DeepSpeed ZeRO-3, 2 CPU ranks, 1 step) ...", flush=True)
+    _check([PY, MAKE, "--build-base", base, *SIZES[size]], timeout=1800)
+    _check([os.path.join(os.path.dirname(PY), "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_port()), MAKE, "--base", base, "--out", ck, "--steps", "1", "--tag", "step1"],
+           timeout=3600)
+    shutil.rmtree(base)
+    return ck
+
+
+def warm(folder: str) -> None:
+    for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def tools(ck: str, out: str) -> list[tuple[str, list[str], bool]]:
+    """(label, command, writes the standard per-expert names vLLM loads)."""
+    tag = glob.glob(os.path.join(ck, "*", "clusterctl-complete.json"))[0].rsplit("/", 1)[0]
+    ours = [PY, "-m", "clusterctl.convert", "--checkpoint", ck, "--out", out, "--no-verify"]
+    return [
+        ("(a) clusterctl convert, bf16", ours, True),
+        ("(a) clusterctl convert, fp32", ours + ["--dtype", "fp32"], True),
+        ("(a) clusterctl convert, bf16, 2 workers", ours + ["--workers", "2", "--max-shard-size", "100MB"], True),
+        ("(a) clusterctl convert, bf16 + --verify", ours[:-1] + ["--verify"], True),
+        ("(b) zero_to_fp32 + save_pretrained", [PY, os.path.join(HERE, "reference_tools.py"), "save-pretrained",
+                                                ck, out], True),
+        ("(c) zero_to_fp32.py --safe_serialization", [PY, os.path.join(ck, "zero_to_fp32.py"), ck, out,
+                                                      "--safe_serialization"], False),
+        ("(d) cp -r of the checkpoint tag", ["cp", "-r", tag, out], False),
+    ]
+
+
+def fp32_weight_bytes(ck: str) -> int:
+    from clusterctl.convert.checkpoint import ZeroCheckpoint, resolve
+
+    z = ZeroCheckpoint(resolve(ck)[0])
+    return 4 * sum(p.numel for p in z.params.values())
+
+
+def tree_bytes(folder: str) -> int:
+    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+               if os.path.isfile(p))
+
+
+def same_tensors(a: str, b: str) -> bool:
+    import torch
+    from safetensors import safe_open
+
+    def index(folder):
+        out = {}
+        for f in glob.glob(os.path.join(folder, "*.safetensors")):
+            with safe_open(f, "pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if set(ia) != set(ib):
+        return False
+    for name in ia:
+        with safe_open(ia[name], "pt") as ha, safe_open(ib[name], "pt") as hb:
+            if not torch.equal(ha.get_tensor(name), hb.get_tensor(name)):
+                return False
+    return True
+
+
+def bench_size(work: str, size: str, rows: list) -> dict:
+    ck = checkpoint(work, size)
+    weights = fp32_weight_bytes(ck)
+    ck_bytes = tree_bytes(glob.glob(os.path.join(ck, "*", "clusterctl-complete.json"))[0].rsplit("/", 1)[0])
+    results = {}
+    for label, cmd, servable in tools(ck, os.path.join(work, "out")):
+        shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
+        warm(ck)
+        m = measure(cmd, env=ENV)
+        if m.returncode:
+            sys.exit(f"{label} failed:\n{m.output[-3000:]}")
+        moved = ck_bytes if label.startswith("(d)") else weights
+        results[label] = m
+        rows.append((size, label, m.wall_s, moved / m.wall_s / 1e9, m.peak_rss / GiB, m.peak_anon / GiB,
+                     tree_bytes(os.path.join(work, "out")) / 1e9, "yes" if servable else "no"))
+        if label == "(a) clusterctl convert, bf16":
+            shutil.copytree(os.path.join(work, "out"), os.path.join(work, "ours"), dirs_exist_ok=True)
+        if label.startswith("(b)"):
+            same = same_tensors(os.path.join(work, "ours"), os.path.join(work, "out"))
+            print(f"{size}: clusterctl output equals zero_to_fp32 + save_pretrained tensor for tensor: {same}")
+    shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
+    shutil.rmtree(os.path.join(work, "ours"), ignore_errors=True)
+    return {"params": weights // 4, "weights": weights, "ck_bytes": ck_bytes, "m": results}
+
+
+def bench_fp8(work: str, rows: list) -> None:
+    from fp8_reference import make_fp8_folder
+
+    src = os.path.join(work, "fp8")
+    if not os.path.exists(os.path.join(src, "config.json")):
+        shapes = {f"model.layers.{i}.mlp.experts.{e}.{p}.weight": (2048, 1024) if p != "down_proj" else (1024, 2048)
+                  for i in range(2) for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")}
+        shapes["model.embed_tokens.weight"] = (4096, 1024)
+        make_fp8_folder(src, shapes, shards=4)
+    fp8_bytes = tree_bytes(src)
+    outs = {}
+    for label, cmd in (("clusterctl fp8-to-bf16", [PY, "-m", "clusterctl.cli", "fp8-to-bf16", src, "OUT"]),
+                       ("official per-block (fp8_cast_bf16.py, CPU)",
+                        [PY, os.path.join(HERE, "reference_tools.py"), "fp8-official", src, "OUT"])):
+        out = os.path.join(work, "fp8-" + label.split()[0])
+        shutil.rmtree(out, ignore_errors=True)
+        warm(src)
+        m = measure([c.replace("OUT", out) for c in cmd], env=ENV)
+        if m.returncode:
+            sys.exit(f"{label} failed:\n{m.output[-3000:]}")
+        outs[label] = out
+        rows.append(("fp8", label, m.wall_s, fp8_bytes / m.wall_s / 1e9, m.peak_rss / GiB, m.peak_anon / GiB,
+                     tree_bytes(out) / 1e9, "-"))
+    a, b = outs.values()
+    print(f"fp8: clusterctl output equals the official dequantisation bit for bit: {same_tensors(a, b)}")
+    for out in outs.values():
+        shutil.rmtree(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="/tmp/clusterctl-bench-convert")
+    p.add_argument("--large", action="store_true", help="also the ~400M model (training it peaks near 13 GiB)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints for the next run")
+    p.add_argument("--skip-fp8", action="store_true")
+    a = p.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    rows, sizes = [], {}
+    try:
+        for size in ["100M"] + (["400M"] if a.large else []):
+            sizes[size] = bench_size(a.work, size, rows)
+        if not a.skip_fp8:
+            bench_fp8(a.work, rows)
+    finally:
+        if not a.keep:
+            shutil.rmtree(a.work, ignore_errors=True)
+    report(rows, sizes)
+
+
+def report(rows: list, sizes: dict) -> None:
+    head = f"{'model':6} {'tool':44} {'wall s':>7} {'GB/s':>6} {'maxRSS GiB':>10} {'anon GiB':>9} {'out GB':>7} servable"
+    print("\n" + head + "\n" + "-" * len(head))
+    for size, label, wall, gbs, rss, anon, out, servable in rows:
+        print(f"{size:6} {label:44} {wall:7.2f} {gbs:6.2f} {rss:10.2f} {anon:9.2f} {out:7.3f} {servable}")
+    print()
+    for size, s in sizes.items():
+        m = s["m"]
+        ours, b, c, d = (m["(a) clusterctl convert, bf16"], m["(b) zero_to_fp32 + save_pretrained"],
+                         m["(c) zero_to_fp32.py --safe_serialization"], m["(d) cp -r of the checkpoint tag"])
+        print(f"{size} ({s['params'] / 1e6:.0f}M params, {s['weights'] / 1e9:.2f} GB fp32 weights, checkpoint "
+              f"{s['ck_bytes'] / 1e9:.2f} GB): wall vs (c) {ours.wall_s / c.wall_s:.2f}x, vs (b) "
+              f"{ours.wall_s / b.wall_s:.2f}x; throughput vs cp {(s['weights'] / ours.wall_s) / (s['ck_bytes'] / d.wall_s):.2f}; "
+              f"peak anon {ours.peak_anon / GiB:.2f} GiB vs (b) {b.peak_anon / GiB:.2f} GiB, (c) {c.peak_anon / GiB:.2f} GiB")
+    if len(sizes) == 2:
+        (_, small), (_, large) = sizes.items()
+        for label in ("(a) clusterctl convert, bf16", "(b) zero_to_fp32 + save_pretrained"):
+            print(f"peak anon growth 100M -> 400M, {label}: "
+                  f"{large['m'][label].peak_anon / small['m'][label].peak_anon:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -212,7 +212,8 @@ class ZeroCheckpoint:
         return str(tensor.dtype).removeprefix("torch.")
 
     def read(self, name: str, start: int = 0, count: int | None = None):
-        """Elements [start, start+count) of the flattened tensor, as a new tensor in its stored dtype."""
+        """Elements [start, start+count) of the flattened tensor in its stored dtype: a read-only view of the
+        mapped file when one rank holds them all (no copy), else a new tensor.  Callers must not write to it."""
         import torch
 
         name = self.shared.get(name, name)
@@ -223,11 +224,12 @@ class ZeroCheckpoint:
         p = self.params[name]
         count = p.numel - start if count is None else count
         if p.per_rank == 0:
-            return torch.cat(p.flats[0].read(p.offset + start, count))
-        pieces, end = [], start + count
-        while start < end:
-            rank, within = divmod(start, p.per_rank)
-            take = min(end - start, p.per_rank - within)
-            pieces += p.flats[rank].read(p.offset + within, take)
-            start += take
-        return torch.cat(pieces)
+            pieces = p.flats[0].read(p.offset + start, count)
+        else:
+            pieces, end = [], start + count
+            while start < end:
+                rank, within = divmod(start, p.per_rank)
+                take = min(end - start, p.per_rank - within)
+                pieces += p.flats[rank].read(p.offset + within, take)
+                start += take
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

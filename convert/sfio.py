@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
@@ -38,33 +40,55 @@ def read_header(path: str) -> dict:
 
 
 class ShardWriter:
-    """Write one shard: `add(tensor)` in the order given to the constructor, then `close()`."""
+    """Write one shard: `add(tensor)` in the order given to the constructor, then `close()`.
 
-    def __init__(self, path: str, entries: list[tuple[str, str, tuple, int]]):
+    Hashing and writing run on a background thread (both release the GIL) while the caller reads and
+    casts the next tensor; at most `depth` tensors wait in between, which bounds memory."""
+
+    def __init__(self, path: str, entries: list[tuple[str, str, tuple, int]], depth: int = 2):
         self.path, self.entries, self.next = path, entries, 0
         self.tmp = path + ".tmp"
         self.file = open(self.tmp, "wb")
         self.hash = hashlib.sha256()
-        self._write(header_bytes(entries))
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+        self.queue.put(header_bytes(entries))
 
-    def _write(self, data) -> None:
-        self.file.write(data)
-        self.hash.update(data)
+    def _drain(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.file.write(data)
+                    self.hash.update(data)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self.error = exc
 
     def add(self, tensor) -> None:
         import torch
 
+        if self.error is not None:
+            raise self.error
         name, dtype, shape, nbytes = self.entries[self.next]
         if str(tensor.dtype).removeprefix("torch.") != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes != nbytes:
             raise ValueError(f"{name}: {data.nbytes} bytes, header says {nbytes}")
-        self._write(memoryview(data))
+        self.queue.put(memoryview(data))
         self.next += 1
+
+    def _stop(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
     def close(self) -> dict:
         """Finish the file (fsync + rename) and return its record: size and sha256."""
+        self._stop()
+        if self.error is not None:
+            raise self.error
         if self.next != len(self.entries):
             raise ValueError(f"{self.path}: {len(self.entries) - self.next} tensors were never written")
         self.file.flush()
@@ -75,6 +99,8 @@ class ShardWriter:
         return {"size": size, "sha256": self.hash.hexdigest()}
 
     def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        self._stop()
         self.file.close()
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)

@@ -305,5 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_now(code: int) -> None:
+    """Leave without interpreter teardown: after a finished run, gloo/DeepSpeed threads sometimes abort
+    the process there ("terminate called without an active exception", RECIPES §4.2), turning a
+    complete run into a failed one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -97,8 +97,9 @@ def _seal_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny model folder at out_dir (tmp dir + rename, marker last); reuse a complete one."""
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0, shape: dict | None = None) -> Path:
+    """Write the tiny model folder at out_dir (tmp dir + rename, marker last); reuse a complete one.
+    `shape` overrides MODEL_SHAPE keys (benchmarks build larger models of the same family)."""
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig
 
@@ -112,7 +113,7 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
         tokenizer = build_tokenizer()
         config = DeepseekV3Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  **MODEL_SHAPE)
+                                  **{**MODEL_SHAPE, **(shape or {})})
         torch.manual_seed(seed)
         DeepseekV3ForCausalLM(config).save_pretrained(tmp / "fp32")
         # Reload through from_pretrained: it keeps e_score_correction_bias fp32 while the rest goes bf16.

@@ -61,6 +61,10 @@ class TrainConfig:
                      "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be at least 1", where=at(name))
+        if self.packing and self.sequence_parallel > 1:
+            raise ConfigError("packing with sequence_parallel > 1 is not supported (Ulysses attention runs plain "
+                              "causal attention over each row)", where=at("packing"),
+                              fix="set packing: false (batches are grouped by length instead)")
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -150,6 +150,10 @@ class Trainer:
 
         cfg = self.cfg
         self.sp_group, attention = None, "sdpa"
+        heads = json.loads((self.base / "config.json").read_text()).get("num_attention_heads", 0)
+        if self.sp > 1 and heads % self.sp:
+            raise UserError(f"sequence_parallel {self.sp} does not divide the model's {heads} attention heads",
+                            where="train.json.sequence_parallel", fix="Ulysses splits the heads: use a divisor")
         if self.sp > 1:
             from clusterctl.training import ulysses
             self.sp_group = ulysses.new_groups(self.world, self.sp)
@@ -217,7 +221,8 @@ class Trainer:
         from clusterctl.training.data import IGNORE
 
         mine = rows[self.dp_rank * self.cfg.micro_batch:(self.dp_rank + 1) * self.cfg.micro_batch]
-        batch = collate(self.samples, mine, pad_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        pad = self.tokenizer.pad_token_id
+        batch = collate(self.samples, mine, pad_id=self.tokenizer.eos_token_id if pad is None else pad,
                         multiple=self.sp)
         tensors = [batch.input_ids, batch.position_ids, batch.labels]
         if self.sp > 1:
@@ -295,9 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.load(args.config)
     if not cfg.output_dir:
         raise UserError("output_dir is empty", where=f"{args.config}.output_dir", fix="set the checkpoint folder")
-    if cfg.packing and cfg.sequence_parallel > 1:
-        raise UserError("packing with sequence_parallel > 1 is not supported", where=f"{args.config}.packing",
-                        fix="set packing: false (length grouping is used instead)")
     try:
         return Trainer(cfg).run()
     except UserError as exc:

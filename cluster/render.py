@@ -106,7 +106,9 @@ def render_stage(run: Run, stage: str, *, cluster: ClusterConfig, job: JobSpec, 
             f"{stage}/node.sh.j2", node={"rank": rank, "host": hosts[rank]},
             header=header(where, f"bash {shlex.quote(str(script))}   # on {hosts[rank] or 'node ' + str(rank)}"),
             **context)
-    if stage == "sft" and job.engine != "xtuner":
+    if stage == "sft" and job.engine == "xtuner":
+        files["sft/xtuner_config.py"] = render_template("xtuner/config.py.j2", **context)
+    elif stage == "sft":
         config = train_config(job, run)
         files["sft/train.json"] = config.to_json()
         files["sft/ds_config.json"] = json.dumps(config.ds_config(), indent=2) + "\n"

@@ -39,7 +39,7 @@ def healthy(url: str) -> bool:
         return False
 
 
-def wait_healthy(health_url: str, *, pid: int, timeout: float, interval: float = 2.0) -> str:
+def wait_healthy(health_url: str, *, pid: int, timeout: float, interval: float = 0.5) -> str:
     """'' once healthy, else why not."""
     started = time.monotonic()
     while not healthy(health_url):

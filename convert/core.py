@@ -11,6 +11,7 @@ from multiprocessing import get_context
 
 from clusterctl.errors import UserError
 
+from . import nodes as nodes_
 from .checkpoint import MARKER, ZeroCheckpoint, resolve
 from .layout import DTYPES, Piece, meta_model, plan
 from .sfio import ShardWriter
@@ -136,8 +137,10 @@ def open_and_plan(tag_dir: str, hf_dir: str, dtype: str) -> tuple[ZeroCheckpoint
 
 
 def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True, workers: int = 1,
-            force: bool = False, max_shard_bytes: int = 5 * 10**9) -> dict:
-    """Convert and return the marker written into the finished folder."""
+            force: bool = False, max_shard_bytes: int = 5 * 10**9, nodes: int = 1, node_rank: int = 0,
+            wait_timeout: float = 3600) -> dict | None:
+    """Convert and return the marker written into the finished folder (None on nodes other than 0,
+    which only write their share of the shards)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", where="--dtype", fix=f"use one of {', '.join(DTYPES)}")
     started = time.time()
@@ -145,16 +148,22 @@ def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True,
     staging = Staging(out, force)
     ck, pieces = open_and_plan(tag_dir, hf_dir, dtype)
     shards = shards_of(pieces, max_shard_bytes)
-    resumed = staging.prepare(fingerprint(tag_dir, dtype, shards))
-    records = {name: rec for name, _ in shards if resumed and (rec := staging.finished(name))}
-    todo = [(staging.path(name), ps) for name, ps in shards if name not in records]
+    plan_id = fingerprint(tag_dir, dtype, shards)
+    mine = [s for i, s in enumerate(shards) if i % nodes == node_rank]
+    if node_rank == 0:
+        resumed = staging.prepare(plan_id)
+    else:
+        resumed, me = True, nodes_.join(staging, plan_id, node_rank, wait_timeout)
+    records = {name: rec for name, _ in mine if resumed and (rec := staging.finished(name))}
+    todo = [(staging.path(name), ps) for name, ps in mine if name not in records]
     need = sum(p.nbytes for _, ps in todo for p in ps) + _SLACK
     free = staging.free_bytes()
     if need > free:
-        if not records:
+        if not records and node_rank == 0:
             staging.discard()
         raise UserError(f"not enough disk space: the output needs {need / 2**30:.2f} GiB, "
                         f"{free / 2**30:.2f} GiB free", where=staging.dir, fix="free space or choose another --out")
+    peers = nodes_.admit(staging, nodes, wait_timeout) if node_rank == 0 and nodes > 1 else {}
     if records:
         log(f"resuming: {len(records)} of {len(shards)} shards already written and verified by hash")
     t0 = time.time()
@@ -166,6 +175,11 @@ def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True,
     run_shards(ck, todo, workers, done)
     written = sum(p.nbytes for _, ps in todo for p in ps)
     log(f"wrote {len(todo)} shards, {written / 1e9:.3f} GB in {time.time() - t0:.1f} s")
+    if node_rank != 0:
+        nodes_.report_done(staging, me, records)
+        log(f"node {node_rank}: {len(mine)} shards done; node 0 finishes the folder")
+        return None
+    records.update(nodes_.collect(staging, peers, wait_timeout))
     total = sum(p.nbytes for p in pieces)
     write_json(staging.path(INDEX), {"metadata": {"total_size": total},
                                      "weight_map": {p.name: name for name, ps in shards for p in ps}})

@@ -50,6 +50,7 @@ class Staging:
     def __init__(self, out: str, force: bool):
         self.out = os.path.abspath(out)
         self.dir = self.out + ".partial"
+        self.book = os.path.join(self.dir, _BOOK)
         self.force = force
         if os.path.exists(self.out) and not force:
             if is_complete(self.out):
@@ -61,14 +62,14 @@ class Staging:
 
     def prepare(self, fingerprint: dict) -> bool:
         """Make the staging folder ready; True when it resumes an earlier run of the same conversion."""
-        plan = os.path.join(self.dir, _BOOK, "plan.json")
+        plan = os.path.join(self.book, "plan.json")
         if os.path.exists(plan):
             with open(plan) as f:
                 if json.load(f) == fingerprint:
                     return True
         if os.path.exists(self.dir):
             shutil.rmtree(self.dir)
-        os.makedirs(os.path.join(self.dir, _BOOK, "shards"))
+        os.makedirs(os.path.join(self.book, "shards"))
         write_json(plan, fingerprint)
         return False
 
@@ -76,7 +77,7 @@ class Staging:
         return os.path.join(self.dir, name)
 
     def _record_path(self, shard: str) -> str:
-        return os.path.join(self.dir, _BOOK, "shards", shard + ".json")
+        return os.path.join(self.book, "shards", shard + ".json")
 
     def finished(self, shard: str) -> dict | None:
         """The record of a shard written by an earlier run, if the file still matches it byte for byte."""
@@ -101,7 +102,7 @@ class Staging:
 
     def finalize(self, marker: dict) -> None:
         """Marker last, then one rename makes `<out>` appear complete (an old complete one is replaced)."""
-        shutil.rmtree(os.path.join(self.dir, _BOOK))
+        shutil.rmtree(self.book)
         write_json(self.path(MARKER), marker)
         fsync_dir(self.dir)
         old = None

@@ -180,3 +180,18 @@ def test_command_line(zero3_ckpt, tmp_path):
     assert "verify: logits match (max abs diff 0)" in ok.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "pass --force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_two_nodes_share_the_shards(zero3_ckpt, tmp_path):
+    """Two node processes on one shared folder write identical bytes to a one-node conversion."""
+    single = core.convert(zero3_ckpt, str(tmp_path / "single"), verify=False, max_shard_bytes=300_000)
+    out = str(tmp_path / "multi")
+    procs = [subprocess.Popen([sys.executable, "-m", "clusterctl.convert", "--checkpoint", zero3_ckpt, "--out", out,
+                               "--max-shard-size", "300KB", "--nodes", "2", "--node-rank", str(rank),
+                               "--wait-timeout", "300"], stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "node 1: 5 shards done" in logs[0] and "verify: logits match" in logs[1]
+    multi = json.loads(open(os.path.join(out, MARKER)).read())
+    assert multi["files"] == single["files"] and len(single["files"]) == 10

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.deploy.conftest import NodeScripts, free_port, render_deploy  # noqa: E402
+from tests.deploy.conftest import NodeScripts, close_hosts, free_port, render_deploy  # noqa: E402
 from tests.fixtures.netns import NetnsHosts  # noqa: E402
 
 PY = sys.executable
@@ -135,7 +135,7 @@ def by_hand_two_nodes(model: Path) -> float:
     finally:
         if server:
             stop(server)
-        hosts.close()                  # kills the Ray daemons left in the namespaces
+        close_hosts(hosts)             # kills the Ray daemons left in the namespaces
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -158,7 +158,7 @@ def clusterctl_two_nodes(model: Path, work: Path) -> float:
         finally:
             nodes.close()
     finally:
-        hosts.close()
+        close_hosts(hosts)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -199,6 +199,8 @@ def main() -> None:
                 print(f"round {i + 1}/{options.repeat}: two nodes ...", flush=True)
                 results["hand2"].append(by_hand_two_nodes(model))
                 results["ours2"].append(clusterctl_two_nodes(model, work))
+            print(f"  so far: {json.dumps({k: [round(v, 1) for v in vs] for k, vs in results.items() if vs})}",
+                  flush=True)
         print()
         print(f"{'time to healthy (s)':<44} {'by hand':>9} {'clusterctl':>11} {'ratio':>7}")
         rows = [("1 node: vllm serve / clusterctl deploy", "hand1", "ours1")]
@@ -215,7 +217,6 @@ def main() -> None:
               f"{ours['wall_s'] / load['by_hand_wall_s']:7.2f}")
         print(f"clusterctl health: {ours['ok']}/{ours['requests']} ok, {ours['requests_per_s']:.2f} req/s, "
               f"{ours['tokens_per_s']:.1f} tokens/s, p50 {ours['p50_s'] * 1000:.0f} ms, p95 {ours['p95_s'] * 1000:.0f} ms")
-        print(f"\nruns: {json.dumps({k: [round(v, 1) for v in vs] for k, vs in results.items() if vs})}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

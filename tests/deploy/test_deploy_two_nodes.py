@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.deploy.conftest import NodeScripts, free_port, render_deploy, wait_for
+from tests.deploy.conftest import NodeScripts, close_hosts, free_port, render_deploy, wait_for
 from tests.fixtures.netns import NetnsHosts
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def hosts():
     try:
         yield hosts
     finally:
-        hosts.close()
+        close_hosts(hosts)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 import click
@@ -12,31 +13,38 @@ from clusterctl.errors import UserError
 from clusterctl.health import Check, Endpoint, LoadResult, check_endpoint, load_test
 
 
-def endpoint_of_run(run_dir: Path) -> Endpoint:
+def endpoint_of_run(run_dir: Path, *, wait_s: float = 0.0) -> Endpoint:
     """The endpoint a deploy recorded: run.json `stages.deploy` (endpoint URL + served_model), else
-    state/deploy/endpoint.json (written by the deploy head as soon as vLLM is healthy)."""
-    try:
-        deploy = (json.loads((run_dir / "run.json").read_text()).get("stages") or {}).get("deploy") or {}
-    except (OSError, ValueError):
-        deploy = {}
-    if deploy.get("endpoint"):
-        return Endpoint(url=deploy["endpoint"], model=deploy.get("served_model") or "")
-    try:
-        record = json.loads((run_dir / "state" / "deploy" / "endpoint.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} has no deploy endpoint yet (no stages.deploy.endpoint in run.json, "
-                        "no state/deploy/endpoint.json)",
-                        fix=f"check the deploy stage with `clusterctl status {run_dir.name}`, or pass the URL") from None
-    return Endpoint(url=record["url"], model=record.get("model", ""))
+    state/deploy/endpoint.json (written by the deploy head as soon as vLLM is healthy). While the deploy
+    stage is still starting, wait up to `wait_s` for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            deploy = (json.loads((run_dir / "run.json").read_text()).get("stages") or {}).get("deploy") or {}
+        except (OSError, ValueError):
+            deploy = {}
+        if deploy.get("endpoint"):
+            return Endpoint(url=deploy["endpoint"], model=deploy.get("served_model") or "")
+        try:
+            record = json.loads((run_dir / "state" / "deploy" / "endpoint.json").read_text())
+            return Endpoint(url=record["url"], model=record.get("model", ""))
+        except FileNotFoundError:
+            pass
+        state = deploy.get("state", "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED") or time.monotonic() >= deadline:
+            why = f"its deploy stage is {state}" if state else "no stages.deploy.endpoint, no state/deploy/endpoint.json"
+            raise UserError(f"{run_dir} has no deploy endpoint after {wait_s:g} s ({why})",
+                            fix=f"check the deploy stage with `clusterctl status {run_dir.name}`, or pass the URL")
+        time.sleep(1.0)
 
 
-def resolve_target(target: str, runs_dir: str | None) -> Endpoint:
+def resolve_target(target: str, runs_dir: str | None, *, wait_s: float = 0.0) -> Endpoint:
     if target.startswith(("http://", "https://")):
         return Endpoint(url=target.rstrip("/"))
     if Path(target).is_dir():
-        return endpoint_of_run(Path(target))
+        return endpoint_of_run(Path(target), wait_s=wait_s)
     from clusterctl.run import find_run
-    return endpoint_of_run(find_run(runs_dir, target).dir)
+    return endpoint_of_run(find_run(runs_dir, target).dir, wait_s=wait_s)
 
 
 def read_api_key(api_key_file: str | None) -> str:
@@ -88,12 +96,13 @@ def command(target, timeout, n_requests, concurrency, model, api_key_file, runs_
     """Check a deployment: GET /health, GET /v1/models, POST /v1/chat/completions (with curl lines).
 
     RUN is a run id or run folder (its deploy endpoint is used); URL is http://HOST:PORT."""
-    endpoint = resolve_target(target, runs_dir)
+    started = time.monotonic()
+    endpoint = resolve_target(target, runs_dir, wait_s=timeout)
     endpoint.model = model or endpoint.model
     endpoint.api_key = read_api_key(api_key_file)
     if not as_json:
         click.echo(f"endpoint {endpoint.url}" + (f"  model {endpoint.model}" if endpoint.model else ""))
-    checks = check_endpoint(endpoint, timeout=timeout)
+    checks = check_endpoint(endpoint, timeout=max(timeout - (time.monotonic() - started), 1.0))
     ok = all(check.ok for check in checks) and len(checks) == 3
     load = None
     if ok and n_requests:

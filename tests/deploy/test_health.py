@@ -64,7 +64,7 @@ def test_command_json_output():
 
 
 def test_run_endpoint_from_run_json_then_from_the_state_file(tmp_path):
-    with pytest.raises(UserError, match="has no deploy endpoint yet"):
+    with pytest.raises(UserError, match=r"has no deploy endpoint after 0 s \(no stages.deploy.endpoint"):
         endpoint_of_run(tmp_path)
     (tmp_path / "state" / "deploy").mkdir(parents=True)
     (tmp_path / "state" / "deploy" / "endpoint.json").write_text('{"url": "http://n0:8000", "model": "r1"}')
@@ -72,6 +72,19 @@ def test_run_endpoint_from_run_json_then_from_the_state_file(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"stages": {"deploy": {"endpoint": "http://n1:9000",
                                                                           "served_model": "r1-sft"}}}))
     assert endpoint_of_run(tmp_path) == Endpoint("http://n1:9000", "r1-sft")
+
+
+def test_a_starting_deploy_is_waited_for_and_a_failed_one_is_not(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"stages": {"deploy": {"state": "FAILED"}}}))
+    start = time.monotonic()
+    with pytest.raises(UserError, match="its deploy stage is FAILED"):
+        endpoint_of_run(tmp_path, wait_s=30)
+    assert time.monotonic() - start < 2
+    (tmp_path / "run.json").write_text(json.dumps({"stages": {"deploy": {"state": "RUNNING"}}}))
+    start = time.monotonic()
+    with pytest.raises(UserError, match="after 2 s"):
+        endpoint_of_run(tmp_path, wait_s=2)
+    assert 2 <= time.monotonic() - start < 5
 
 
 def test_api_key_file_is_read(tmp_path):

@@ -176,6 +176,11 @@ def load_numbers(url: str, requests: int, concurrency: int, out: dict) -> None:
     out["by_hand_wall_s"] = time.monotonic() - start
 
 
+def measure(results: dict, key: str, variant, *args, **kwargs) -> None:
+    results[key].append(variant(*args, **kwargs))
+    print(f"  {key}: {results[key][-1]:.1f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs of each variant (alternating)")
@@ -191,16 +196,13 @@ def main() -> None:
         load: dict = {}
         for i in range(options.repeat):
             print(f"round {i + 1}/{options.repeat}: one node ...", flush=True)
-            results["hand1"].append(by_hand_one_node(model))
-            results["ours1"].append(clusterctl_one_node(
-                model, work, then=(lambda url: load_numbers(url, options.requests, options.concurrency, load))
-                if i == 0 else None))
+            measure(results, "hand1", by_hand_one_node, model)
+            measure(results, "ours1", clusterctl_one_node, model, work,
+                    then=(lambda url: load_numbers(url, options.requests, options.concurrency, load)) if i == 0 else None)
             if not options.skip_two_nodes:
                 print(f"round {i + 1}/{options.repeat}: two nodes ...", flush=True)
-                results["hand2"].append(by_hand_two_nodes(model))
-                results["ours2"].append(clusterctl_two_nodes(model, work))
-            print(f"  so far: {json.dumps({k: [round(v, 1) for v in vs] for k, vs in results.items() if vs})}",
-                  flush=True)
+                measure(results, "hand2", by_hand_two_nodes, model)
+                measure(results, "ours2", clusterctl_two_nodes, model, work)
         print()
         print(f"{'time to healthy (s)':<44} {'by hand':>9} {'clusterctl':>11} {'ratio':>7}")
         rows = [("1 node: vllm serve / clusterctl deploy", "hand1", "ours1")]

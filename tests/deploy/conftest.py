@@ -54,8 +54,8 @@ def render_deploy(run_dir: Path, *, model: Path, nodes: int = 1, gpus: int = 0, 
     short: Ray's socket paths under it must fit in 107 bytes."""
     cluster = ClusterConfig(gpus_per_node=gpus, python=sys.executable, interface=interface,
                             ray_temp_dir=ray_temp_dir, ports=Ports(ray=ray_port, vllm=vllm_port))
-    job = JobSpec(name="tiny", deploy=DeploySpec(nodes=nodes, served_model_name="tiny-r1",
-                                                 **{"ready_timeout": 300, **spec}))
+    job = JobSpec(name="tiny", deploy=DeploySpec(nodes=nodes, **{"served_model_name": "tiny-r1", "ready_timeout": 300,
+                                                               **spec}))
     run = Run(run_dir)
     backend = HostsBackend(cluster, hosts or ["localhost"] * nodes, head)
     files = render_stage(run, "deploy", cluster=cluster, job=job, backend=backend, master_port=free_port(),

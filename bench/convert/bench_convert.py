@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import shutil
 import socket
@@ -121,15 +120,29 @@ def same_tensors(a: str, b: str) -> bool:
     return True
 
 
-def bench_size(work: str, size: str, rows: list) -> dict:
+def best_of(cmd: list[str], src: str, repeat: int, out: str):
+    """The fastest of `repeat` warm-cache runs (the machine is shared: the minimum is the tool's own
+    cost); memory is the largest peak seen over all of them."""
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        warm(src)
+        runs.append(measure(cmd, env=ENV))
+        if runs[-1].returncode:
+            return runs[-1]
+    best = min(runs, key=lambda m: m.wall_s)
+    best.peak_rss, best.peak_anon = max(m.peak_rss for m in runs), max(m.peak_anon for m in runs)
+    return best
+
+
+def bench_size(work: str, size: str, rows: list, repeat: int) -> dict:
     ck = checkpoint(work, size)
     weights = fp32_weight_bytes(ck)
     ck_bytes = tree_bytes(glob.glob(os.path.join(ck, "*", "clusterctl-complete.json"))[0].rsplit("/", 1)[0])
     results = {}
     for label, cmd, servable in tools(ck, os.path.join(work, "out")):
         shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
-        warm(ck)
-        m = measure(cmd, env=ENV)
+        m = best_of(cmd, ck, repeat, os.path.join(work, "out"))
         if m.returncode:
             sys.exit(f"{label} failed:\n{m.output[-3000:]}")
         moved = ck_bytes if label.startswith("(d)") else weights
@@ -146,7 +159,7 @@ def bench_size(work: str, size: str, rows: list) -> dict:
     return {"params": weights // 4, "weights": weights, "ck_bytes": ck_bytes, "m": results}
 
 
-def bench_fp8(work: str, rows: list) -> None:
+def bench_fp8(work: str, rows: list, repeat: int) -> None:
     from fp8_reference import make_fp8_folder
 
     src = os.path.join(work, "fp8")
@@ -161,9 +174,7 @@ def bench_fp8(work: str, rows: list) -> None:
                        ("official per-block (fp8_cast_bf16.py, CPU)",
                         [PY, os.path.join(HERE, "reference_tools.py"), "fp8-official", src, "OUT"])):
         out = os.path.join(work, "fp8-" + label.split()[0])
-        shutil.rmtree(out, ignore_errors=True)
-        warm(src)
-        m = measure([c.replace("OUT", out) for c in cmd], env=ENV)
+        m = best_of([c.replace("OUT", out) for c in cmd], src, repeat, out)
         if m.returncode:
             sys.exit(f"{label} failed:\n{m.output[-3000:]}")
         outs[label] = out
@@ -181,14 +192,15 @@ def main() -> None:
     p.add_argument("--large", action="store_true", help="also the ~400M model (training it peaks near 13 GiB)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints for the next run")
     p.add_argument("--skip-fp8", action="store_true")
+    p.add_argument("--repeat", type=int, default=3, help="runs per tool; the fastest is reported")
     a = p.parse_args()
     os.makedirs(a.work, exist_ok=True)
     rows, sizes = [], {}
     try:
         for size in ["100M"] + (["400M"] if a.large else []):
-            sizes[size] = bench_size(a.work, size, rows)
+            sizes[size] = bench_size(a.work, size, rows, a.repeat)
         if not a.skip_fp8:
-            bench_fp8(a.work, rows)
+            bench_fp8(a.work, rows, a.repeat)
     finally:
         if not a.keep:
             shutil.rmtree(a.work, ignore_errors=True)
@@ -197,6 +209,8 @@ def main() -> None:
 
 def report(rows: list, sizes: dict) -> None:
     head = f"{'model':6} {'tool':44} {'wall s':>7} {'GB/s':>6} {'maxRSS GiB':>10} {'anon GiB':>9} {'out GB':>7} servable"
+    print("\nwarm page cache; wall = fastest run; memory = largest peak over all runs; clusterctl fsyncs its "
+          "output, cp does not")
     print("\n" + head + "\n" + "-" * len(head))
     for size, label, wall, gbs, rss, anon, out, servable in rows:
         print(f"{size:6} {label:44} {wall:7.2f} {gbs:6.2f} {rss:10.2f} {anon:9.2f} {out:7.3f} {servable}")

@@ -8,7 +8,10 @@ experts, 256 x 3 x 7168 x 2048 = 11.3 B), b = 2 bytes (bf16).
 Per GPU (model states follow DeepSpeed's own estimators, estimate_zero{2,3}_model_states_mem_needs):
   ZeRO-3  params     b*P/W                (0 with offload_param: they live in host RAM)
           grads+opt  16*P/W               fp32 grad partition 4 + fp32 master/m/v 12 (0 with offload_optimizer)
-          working    2*b*Pmax             the gathered largest module and its full gradient before reduce
+          gathered   b*min(P, max(Pmax, live))   parameters kept gathered: DeepSpeed keeps up to
+                                          stage3_max_live_parameters (live, 1e9 by default) alive, and
+                                          at least the largest module
+          module grad b*Pmax              the largest module's full gradient before its reduce-scatter
           buckets    b*(prefetch + reduce bucket elements), each at most P
   ZeRO-2  params     b*P, grads b*P       every rank holds all bf16 params and, in backward, all grads
           opt        16*P/W               (0 with offload_optimizer)
@@ -157,6 +160,7 @@ class Setup:
     host_runtime_gib: float = 4.0       # per rank process on the host
     prefetch_bucket: float = 5e8        # elements (DeepSpeed stage3_prefetch_bucket_size)
     reduce_bucket: float = 5e8          # elements (reduce_bucket_size)
+    max_live_parameters: float = 1e9    # elements (stage3_max_live_parameters)
     load_shard_gib: float = 5.0
     buffer_factor: float = 1.1
 
@@ -221,7 +225,8 @@ def plan(shape: ModelShape, s: Setup) -> Plan:
     if s.zero == 3:
         gpu["params"] = 0 if s.offload_param else BF16 * P / W
         gpu["grads+optimizer"] = 0 if s.offload_optimizer else 16 * P / W
-        gpu["gathered module+grad"] = 2 * BF16 * big
+        gpu["gathered params"] = BF16 * min(P, max(big, s.max_live_parameters))
+        gpu["module grad"] = BF16 * big
         gpu["buckets"] = BF16 * (min(s.prefetch_bucket, P) + min(s.reduce_bucket, P))
     else:
         gpu["params"] = BF16 * P

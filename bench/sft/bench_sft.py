@@ -51,27 +51,29 @@ def peak_rss(out: Path) -> float:
     return max(json.loads((out / f"rss-{r}.json").read_text())["peak_rss_mib"] for r in range(NPROC))
 
 
+def run_one(work: Path, name: str, model: Path, case: dict, steps: int, who: str) -> Path:
+    """One run of `who` (reference or ours) on the shared settings; returns its output folder."""
+    out = work / "runs" / name / who
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    config = out / "train.json"
+    config.write_text(json.dumps(dict(model=str(model), max_length=256, micro_batch=2, grad_accum=1, max_steps=steps,
+                                      lr=1e-4, save_steps=10 ** 6, bf16=True, gradient_checkpointing=True, **case,
+                                      output_dir=str(out / "checkpoints"), metrics_file=str(out / "metrics.jsonl"))))
+    launch("reference_loop.py" if who == "reference" else "ours.py", config, out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)             # checkpoints of the larger model are big
+    shutil.rmtree(out / "reference-checkpoint", ignore_errors=True)
+    return out
+
+
 def run_pair(work: Path, name: str, model: Path, case: dict, steps: int, skip: int) -> dict:
     """One reference run and one of ours on identical settings: tokens/s and peak RSS of each."""
-    base = dict(model=str(model), max_length=256, micro_batch=2, grad_accum=1, max_steps=steps, lr=1e-4,
-                save_steps=10 ** 6, bf16=True, gradient_checkpointing=True, **case)
-    result = {}
-    for who in ("reference", "ours"):
-        out = work / "runs" / name / who
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        config = out / "train.json"
-        config.write_text(json.dumps({**base, "output_dir": str(out / "checkpoints"),
-                                      "metrics_file": str(out / "metrics.jsonl")}))
-        launch("reference_loop.py" if who == "reference" else "ours.py", config, out)
-        result[who] = {"rss": peak_rss(out)}
-    ref = json.loads((work / "runs" / name / "reference" / "reference.json").read_text())
+    ref_out, ours_out = (run_one(work, name, model, case, steps, who) for who in ("reference", "ours"))
+    ref = json.loads((ref_out / "reference.json").read_text())
     tokens = sum(ref["tokens"][skip:])
-    result["reference"]["tps"] = tokens / (ref["ends"][steps] - ref["ends"][skip])
-    ours = [json.loads(line) for line in (work / "runs" / name / "ours" / "metrics.jsonl").read_text().splitlines()]
-    result["ours"]["tps"] = tokens / (ours[steps - 1]["elapsed"] - ours[skip - 1]["elapsed"])
-    shutil.rmtree(work / "runs" / name, ignore_errors=True)           # checkpoints of the larger model are big
-    return result
+    ours = [json.loads(line) for line in (ours_out / "metrics.jsonl").read_text().splitlines()]
+    return {"reference": {"rss": peak_rss(ref_out), "tps": tokens / (ref["ends"][steps] - ref["ends"][skip])},
+            "ours": {"rss": peak_rss(ours_out), "tps": tokens / (ours[steps - 1]["elapsed"] - ours[skip - 1]["elapsed"])}}
 
 
 def best(runs: list[dict]) -> dict:
@@ -93,21 +95,27 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="first steps left out of tokens/s (warm-up)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--work", default=None)
+    parser.add_argument("--memory-only", action="store_true", help="only the planner-vs-measured table")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-sft-"))
     tiny = build_tiny_model(work / "tiny")
     larger = build_tiny_model(work / "larger", shape=LARGER)
 
-    print(f"clusterctl SFT step vs minimal HF+DeepSpeed loop: tiny DeepSeek-V3, {NPROC} CPU ranks (gloo), bf16, "
-          f"micro-batch 2, max_length 256, grad checkpointing, steps {args.skip + 1}..{args.steps}, best of {args.repeat}")
-    print(f"{'setup':<18} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6} {'ours RSS MiB':>13} {'ref RSS MiB':>12} {'ratio':>6}")
     tiny_rss = {}
-    for name, case in CASES.items():
-        r = best([run_pair(work, "tiny", tiny, case, args.steps, args.skip) for _ in range(args.repeat)])
-        tiny_rss[name] = r["ours"]["rss"]
-        print(f"{name:<18} {r['ours']['tps']:>11.0f} {r['reference']['tps']:>10.0f} "
-              f"{r['ours']['tps'] / r['reference']['tps']:>6.2f} {r['ours']['rss']:>13.0f} "
-              f"{r['reference']['rss']:>12.0f} {r['ours']['rss'] / r['reference']['rss']:>6.2f}")
+    if args.memory_only:
+        tiny_rss = {name: peak_rss(run_one(work, "tiny", tiny, case, 4, "ours")) for name, case in CASES.items()}
+    else:
+        print(f"clusterctl SFT step vs minimal HF+DeepSpeed loop: tiny DeepSeek-V3, {NPROC} CPU ranks (gloo), bf16, "
+              f"micro-batch 2, max_length 256, grad checkpointing, steps {args.skip + 1}..{args.steps}, "
+              f"best of {args.repeat}")
+        print(f"{'setup':<18} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6} {'ours RSS MiB':>13} "
+              f"{'ref RSS MiB':>12} {'ratio':>6}")
+        for name, case in CASES.items():
+            r = best([run_pair(work, "tiny", tiny, case, args.steps, args.skip) for _ in range(args.repeat)])
+            tiny_rss[name] = r["ours"]["rss"]
+            print(f"{name:<18} {r['ours']['tps']:>11.0f} {r['reference']['tps']:>10.0f} "
+                  f"{r['ours']['tps'] / r['reference']['tps']:>6.2f} {r['ours']['rss']:>13.0f} "
+                  f"{r['reference']['rss']:>12.0f} {r['ours']['rss'] / r['reference']['rss']:>6.2f}")
 
     shape = ModelShape.from_config(json.loads((larger / "config.json").read_text()))
     small = ModelShape.from_config(json.loads((tiny / "config.json").read_text()))
@@ -115,8 +123,7 @@ def main() -> None:
           f"(per rank, model-dependent part)")
     print(f"{'setup':<18} {'planned MiB':>12} {'measured MiB':>13} {'measured/planned':>17}")
     for name, case in CASES.items():
-        r = run_pair(work, "larger", larger, case, 4, 1)
-        measured = r["ours"]["rss"] - tiny_rss[name]
+        measured = peak_rss(run_one(work, "larger", larger, case, 4, "ours")) - tiny_rss[name]
         planned = planned_mib(shape, case) - planned_mib(small, case)
         print(f"{name:<18} {planned:>12.0f} {measured:>13.0f} {measured / planned:>17.2f}")
     if not args.work:

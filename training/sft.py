@@ -71,6 +71,10 @@ def resolve_model(cfg: TrainConfig, rank: int) -> Path:
     if not (base / "config.json").is_file():
         raise UserError(f"{base} is not a Hugging Face model folder (no config.json)", where="train.json.model",
                         fix=f"give a model folder, or {BUILTIN_TINY_MODEL!r} for the built-in tiny model")
+    quant = json.loads((base / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") == "fp8":
+        raise UserError("the model holds FP8 weights (DeepSeek's release format); full-parameter SFT needs BF16",
+                        where=str(base / "config.json"), fix=f"run `clusterctl fp8-to-bf16 {base} OUT` and train OUT")
     return base
 
 

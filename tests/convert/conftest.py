@@ -26,11 +26,11 @@ def run_checked(cmd, timeout=600, **kw):
     return result
 
 
-def make_checkpoint(base: str, out: str, stage: int, dtype: str, tag: str = "global_step2") -> str:
+def make_checkpoint(base: str, out: str, stage: int, dtype: str, tag: str = "global_step2", *extra: str) -> str:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     run_checked([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
                  str(_free_port()), MAKE, "--base", base, "--out", out, "--stage", str(stage), "--dtype", dtype,
-                 "--tag", tag])
+                 "--tag", tag, *extra])
     return out
 
 
@@ -51,6 +51,13 @@ def zero3_ckpt(base_model, tmp_path_factory):
 def zero2_ckpt(base_model, tmp_path_factory):
     """SFT output_dir: ZeRO-2, fp32 training, 2 ranks."""
     return make_checkpoint(base_model, str(tmp_path_factory.mktemp("z2") / "checkpoints"), 2, "fp32")
+
+
+@pytest.fixture(scope="session")
+def zero3_frozen_ckpt(base_model, tmp_path_factory):
+    """SFT output_dir: ZeRO-3, bf16, embeddings frozen (saved as frozen fragments, not optimizer state)."""
+    return make_checkpoint(base_model, str(tmp_path_factory.mktemp("z3f") / "checkpoints"), 3, "bf16",
+                           "global_step2", "--freeze-embeddings")
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def build_base(base: str, layers: int, hidden: int, experts: int) -> None:
         json.dump(cfg, f, indent=2)
 
 
-def train_and_save(base: str, out: str, stage: int, dtype: str, steps: int, tag: str) -> None:
+def train_and_save(base: str, out: str, stage: int, dtype: str, steps: int, tag: str, freeze: bool) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -75,7 +75,9 @@ def train_and_save(base: str, out: str, stage: int, dtype: str, steps: int, tag:
     }
     keep = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # noqa: F841  (must stay alive during from_pretrained)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)    # skips DeepSpeed's fused_adam JIT build
+    if freeze:                                # frozen parameters are saved apart from the optimizer's
+        model.get_input_embeddings().weight.requires_grad_(False)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)  # no fused_adam build
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_cfg)
     torch.manual_seed(1 + dist.get_rank())
     vocab = model.config.vocab_size
@@ -110,11 +112,12 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--tag", default="global_step2")
+    p.add_argument("--freeze-embeddings", action="store_true")
     a = p.parse_args()
     if a.build_base:
         build_base(a.build_base, a.layers, a.hidden, a.experts)
     else:
-        train_and_save(a.base, a.out, a.stage, a.dtype, a.steps, a.tag)
+        train_and_save(a.base, a.out, a.stage, a.dtype, a.steps, a.tag, a.freeze_embeddings)
 
 
 if __name__ == "__main__":

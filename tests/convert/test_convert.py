@@ -32,7 +32,8 @@ def reference(ckpt, base, dtype, out):
     return tensors(out)
 
 
-@pytest.mark.parametrize("fixture,dtype", [("zero3_ckpt", torch.bfloat16), ("zero2_ckpt", torch.float32)])
+@pytest.mark.parametrize("fixture,dtype", [("zero3_ckpt", torch.bfloat16), ("zero2_ckpt", torch.float32),
+                                           ("zero3_frozen_ckpt", torch.bfloat16)])
 def test_same_tensors_as_save_pretrained(request, base_model, tmp_path, fixture, dtype):
     ckpt = request.getfixturevalue(fixture)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"

@@ -15,6 +15,8 @@ Per GPU (model states follow DeepSpeed's own estimators, estimate_zero{2,3}_mode
           buckets    b*(prefetch + reduce bucket elements), each at most P
   ZeRO-2  params     b*P, grads b*P       every rank holds all bf16 params and, in backward, all grads
           opt        16*P/W               (0 with offload_optimizer)
+  both    opt step   4*P/W                torch AdamW's foreach temporaries (sqrt of v) when the optimizer
+                                          is on the GPU; DeepSpeed's CPU Adam (offload) works in place
   activations, gradient checkpointing on:
           n*T*h*b                         each layer's checkpointed input
         + 2 * layer(T)                    one layer recomputed and its activation grads
@@ -28,8 +30,8 @@ Per GPU (model states follow DeepSpeed's own estimators, estimate_zero{2,3}_mode
 Host RAM per node (gpus_per_node ranks):
   offload_optimizer  16*P/W per rank (fp32 master, m, v, fp32 grads), pinned
   offload_param      b*P/W per rank
-  loading            the largest checkpoint shard file being read (assumed 5 GiB; zero.Init partitions
-                     while loading, so the whole model never sits in RAM)
+  loading            the checkpoint shard being read, min(load_shard_gib (5), b*P) (zero.Init partitions
+                     while loading, so the whole model never sits in RAM; mapped pages count in RSS)
   per process        host_runtime_gib per rank (Python, torch, CUDA libraries; default 4 GiB)
 Everything is rounded up by `buffer_factor` (1.1): allocator fragmentation and temporaries.
 """
@@ -233,6 +235,7 @@ def plan(shape: ModelShape, s: Setup) -> Plan:
         gpu["grads"] = BF16 * P
         gpu["optimizer"] = 0 if s.offload_optimizer else 16 * P / W
         gpu["buckets"] = BF16 * min(s.reduce_bucket, P)
+    gpu["optimizer step"] = 0 if s.offload_optimizer else 4 * P / W
     layer = shape.layer_activation_bytes(tokens)
     if s.gradient_checkpointing:
         gpu["activations"] = shape.layers * tokens * shape.hidden * BF16 + 2 * layer
@@ -241,7 +244,7 @@ def plan(shape: ModelShape, s: Setup) -> Plan:
     gpu["logits+loss"] = tokens * shape.vocab * (BF16 + 4 + 4)
     gpu["runtime"] = s.runtime_gib * GIB
     per_rank = (16 * P / W if s.offload_optimizer else 0) + (BF16 * P / W if s.offload_param else 0)
-    host = {"offloaded states": per_rank * s.gpus_per_node, "loading": s.load_shard_gib * GIB,
+    host = {"offloaded states": per_rank * s.gpus_per_node, "loading": min(s.load_shard_gib * GIB, BF16 * P),
             "processes": s.host_runtime_gib * GIB * s.gpus_per_node}
     return Plan(s, P, big, gpu, host)
 

@@ -84,9 +84,10 @@ def best(runs: list[dict]) -> dict:
 def planned_mib(shape: ModelShape, case: dict) -> float:
     setup = Setup(nodes=1, gpus_per_node=NPROC, zero=case["zero_stage"], offload_optimizer=case["offload_optimizer"],
                   offload_param=case["offload_param"], micro_batch=2, seq_len=256, runtime_gib=0,
-                  host_runtime_gib=0, load_shard_gib=0, buffer_factor=1.0)
+                  host_runtime_gib=0, buffer_factor=1.0)
     p = plan(shape, setup)
-    return (sum(p.gpu.values()) + p.host["offloaded states"] / NPROC) / 2 ** 20   # CPU: one memory per rank
+    # CPU: GPU and host are one memory; every rank maps the whole (single-shard) checkpoint while loading
+    return (sum(p.gpu.values()) + p.host["offloaded states"] / NPROC + p.host["loading"]) / 2 ** 20
 
 
 def main() -> None:

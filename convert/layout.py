@@ -9,7 +9,6 @@ single source (a conversion that copies or merges) are refused rather than guess
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -59,9 +58,10 @@ def meta_model(hf_dir: str):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _fp32_patterns(model) -> list[str]:
-    return list(getattr(model, "_keep_in_fp32_modules", None) or []) + \
-        list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+def _fp32_patterns(model, dtype: str) -> list[str]:
+    """Modules transformers keeps in fp32 when loading in `dtype` (the non-strict list only for fp16)."""
+    strict = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return strict + list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == "fp16" else strict
 
 
 def plan(model, shapes: dict[str, tuple], stored_dtypes: dict[str, str], dtype: str,
@@ -74,7 +74,7 @@ def plan(model, shapes: dict[str, tuple], stored_dtypes: dict[str, str], dtype: 
 
     wanted = remove_tied_weights_from_state_dict(model.state_dict(), model)
     _check_names(wanted, shapes, set(aliases))
-    keep_fp32 = _fp32_patterns(model)
+    keep_fp32 = _fp32_patterns(model, dtype) if dtype != "fp32" else []
 
     class Probe(torch.Tensor):
         def contiguous(self, *args, **kwargs):  # keep views as views so offsets survive the conversion
@@ -97,7 +97,7 @@ def plan(model, shapes: dict[str, tuple], stored_dtypes: dict[str, str], dtype: 
 def _out_dtype(name: str, source: str, stored: str, dtype: str, keep_fp32: list[str]) -> str:
     if stored not in ("float32", "bfloat16", "float16"):
         return stored                     # integer buffers stay as they are
-    if any(p in name or p in source or fnmatch.fnmatch(name, f"*{p}*") for p in keep_fp32):
+    if any(p in name or p in source for p in keep_fp32):
         return "float32"
     return DTYPES[dtype]
 

@@ -195,16 +195,17 @@ def main() -> None:
         results: dict[str, list[float]] = {k: [] for k in ("hand1", "ours1", "hand2", "ours2")}
         load: dict = {}
         for i in range(options.repeat):
-            print(f"round {i + 1}/{options.repeat}: one node ...", flush=True)
-            measure(results, "hand1", by_hand_one_node, model)
-            measure(results, "ours1", clusterctl_one_node, model, work,
-                    then=(lambda url: load_numbers(url, options.requests, options.concurrency, load)) if i == 0 else None)
+            print(f"round {i + 1}/{options.repeat} ...", flush=True)
+            then = (lambda url: load_numbers(url, options.requests, options.concurrency, load)) if i == 0 else None
+            pair = [lambda: measure(results, "hand1", by_hand_one_node, model),
+                    lambda: measure(results, "ours1", clusterctl_one_node, model, work, then=then)]
             if not options.skip_two_nodes:
-                print(f"round {i + 1}/{options.repeat}: two nodes ...", flush=True)
-                measure(results, "hand2", by_hand_two_nodes, model)
-                measure(results, "ours2", clusterctl_two_nodes, model, work)
+                pair += [lambda: measure(results, "hand2", by_hand_two_nodes, model),
+                         lambda: measure(results, "ours2", clusterctl_two_nodes, model, work)]
+            for variant in (pair if i % 2 == 0 else pair[::-1]):     # alternate the order against drift
+                variant()
         print()
-        print(f"{'time to healthy (s)':<44} {'by hand':>9} {'clusterctl':>11} {'ratio':>7}")
+        print(f"{'time to healthy (s), median of ' + str(options.repeat):<44} {'by hand':>9} {'clusterctl':>11} {'ratio':>7}")
         rows = [("1 node: vllm serve / clusterctl deploy", "hand1", "ours1")]
         if not options.skip_two_nodes:
             rows.append(("2 nodes: ray x2 + vllm serve / node scripts", "hand2", "ours2"))

@@ -35,8 +35,8 @@ def test_four_nodes_of_eight_gpus_ray_head_gate_and_vllm_with_ray_executor():
     head = body(files["deploy/node-000.sh"])
     assert 'ray_start --head --port="$RAY_PORT" --dashboard-host=127.0.0.1' in head
     assert "--num-gpus=8" in head and "--node-ip-address=\"$NODE_IP\"" in head
-    assert "clusterctl.deploy.node_ip --interface ib0 --toward \"$MASTER_ADDR\"" in head
-    assert 'export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-ib0}"' in head
+    assert "INTERFACE=ib0" in head and 'node_ip --interface "$INTERFACE" --toward "$MASTER_ADDR"' in head
+    assert 'export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$INTERFACE}"' in head
     assert ("clusterctl.deploy.wait_ray --address \"$NODE_IP:$RAY_PORT\" --nodes \"$NNODES\" \\\n"
             "  --gpus 32 --timeout 1800 --state-dir \"$STATE_DIR\"") in head
     assert 'export RAY_ADDRESS="$NODE_IP:$RAY_PORT"' in head
@@ -64,7 +64,7 @@ def test_cpu_nodes_start_and_gate_ray_but_serve_from_node_zero_without_the_ray_e
     assert "ray_start --head" in head and "--gpus 0 --timeout" in head
     assert "RAY_ADDRESS" not in head and "--enforce-eager" in head
     assert 'VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"' in head
-    assert "--interface '' --toward" in head and "NCCL_SOCKET_IFNAME" not in head
+    assert "INTERFACE=''" in head and "NCCL_SOCKET_IFNAME" not in head
 
 
 def test_api_key_is_read_on_the_node_from_the_file_not_rendered(tmp_path):
@@ -87,3 +87,11 @@ def test_hostile_values_are_quoted_data(tmp_path):
 def test_default_parallelism_is_left_to_the_node():
     head = body(render(nodes=4)["deploy/node-000.sh"])
     assert "--tensor-parallel 0 --pipeline-parallel 0" in head     # 0: GPUs per node and nodes, resolved by vllm_args
+
+
+def test_an_odd_interface_name_reaches_nccl_and_gloo_unchanged():
+    head = render(interface="eth 0'$(id)")["deploy/node-000.sh"]
+    lines = [line for line in head.splitlines() if line.startswith(("INTERFACE=", "export NCCL_SOCKET_IFNAME="))]
+    result = subprocess.run(["bash", "-c", "\n".join(lines) + '\nprintf "%s|%s" "$NCCL_SOCKET_IFNAME" "$GLOO_SOCKET_IFNAME"'],
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.stdout == "eth 0'$(id)|eth 0'$(id)"

@@ -142,8 +142,9 @@ def split_reasoning(message: dict) -> tuple[str, str]:
 
 def _attempt(name: str, endpoint: Endpoint, method: str, path: str, body: dict | None, deadline: float,
              judge) -> Check:
-    """Send until `judge(reply)` returns a detail string or the deadline passes; backoff 0.5 s doubling to 5 s.
-    `judge` raises HttpError(retry=False) for an answer that waiting cannot fix."""
+    """Send until `judge(reply)` returns (detail, answer, reasoning) or the deadline passes; backoff 0.5 s
+    doubling to 5 s, the last try at the deadline. `judge` raises HttpError(retry=False) for an answer
+    that waiting cannot fix."""
     curl, attempts, wait = curl_line(endpoint, method, path, body), 0, 0.5
     while True:
         attempts += 1
@@ -153,10 +154,10 @@ def _attempt(name: str, endpoint: Endpoint, method: str, path: str, body: dict |
             detail, answer, reasoning = judge(reply)
             return Check(name, True, latency, attempts, detail, curl, answer=answer, reasoning=reasoning)
         except HttpError as error:
-            latency, last = time.monotonic() - start, str(error)
-            if not error.retry or time.monotonic() + wait >= deadline:
-                return Check(name, False, latency, attempts, last, curl)
-        time.sleep(wait)
+            latency, remaining = time.monotonic() - start, deadline - time.monotonic()
+            if not error.retry or remaining <= 0:
+                return Check(name, False, latency, attempts, str(error), curl)
+        time.sleep(min(wait, remaining))
         wait = min(wait * 2, 5.0)
 
 

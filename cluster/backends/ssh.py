@@ -228,6 +228,23 @@ class SshBackend(SupervisedBackend):
             remote_command=pdsh_command(hosts, str(run.stage_dir(stage))))
         return {"pdsh.sh": text}
 
+    def submit(self, run: Run, stages: list[str]) -> None:
+        """Check the first stage's hosts here, so a bad host is reported in the terminal at once
+        (the supervisor checks every stage's hosts again right before starting it)."""
+        first = stages[0]
+        try:
+            for client in self.settings.connect_all(run.read()["stages"][first]["hosts"]).values():
+                client.close()
+        except UserError as exc:
+            def change(data):
+                for stage in stages:
+                    data["stages"][stage].update(
+                        {"state": "FAILED", "reason": str(exc), "ended": time.time()} if stage == first else
+                        {"state": "CANCELLED", "reason": f"{first} failed", "ended": time.time()})
+            run.update(change)
+            raise
+        super().submit(run, stages)
+
     def check_stage(self, run: Run, stage: str, hosts: list) -> None:
         for client in self.clients.values():
             client.close()

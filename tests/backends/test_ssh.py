@@ -124,11 +124,12 @@ def test_bad_host_fails_fast_and_starts_nothing(hosts, clusterctl, wait_for, tmp
     yaml = cluster_yaml(tmp_path, hosts, {"all": ['echo started >> "$RUN_DIR/started-$NODE_RANK"']},
                         host_names=names, known_hosts=known)
     started = time.monotonic()
-    run_id, run_dir = submit(clusterctl, "sft", "--nodes", "4", "--cluster", yaml)
-    status = wait_for(run_id, finished, timeout=30, what="the ssh check to fail")["stages"]
+    refused = clusterctl("submit", "sft", "--nodes", "4", "--cluster", yaml, check=False)
     assert time.monotonic() - started < 15
-    reason = status["sft"]["reason"]
-    assert status["sft"]["state"] == "FAILED" and f"{bad}" in reason and message in reason, status
-    assert "fix:" in reason and "nothing was started" in reason
+    assert refused.returncode == 2 and bad in refused.stderr and message in refused.stderr, refused.stderr
+    assert "fix:" in refused.stderr and "nothing was started" in refused.stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    status = wait_for(run_dir.name, finished, timeout=5)["stages"]
+    assert status["sft"]["state"] == "FAILED" and bad in status["sft"]["reason"], status
     assert [status[s]["state"] for s in ("convert", "deploy")] == ["CANCELLED", "CANCELLED"]
     assert not list(run_dir.glob("started-*")) and not list((run_dir / "state").rglob("node-*.pid"))

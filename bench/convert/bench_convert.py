@@ -51,6 +51,11 @@ def checkpoint(work: str, size: str) -> str:
     ck = os.path.join(work, size, "checkpoints")
     if glob.glob(os.path.join(ck, "*", "clusterctl-complete.json")):
         return ck
+    from clusterctl.convert.swap import meminfo
+
+    free = meminfo()["MemAvailable"]
+    if size == "400M" and free < 16 * GiB:
+        sys.exit(f"building the 400M checkpoint peaks near 13 GiB; only {free / GiB:.1f} GiB available now")
     base = os.path.join(work, size, "base")
     shutil.rmtree(os.path.join(work, size), ignore_errors=True)
     print(f"building the {size} checkpoint (DeepSpeed ZeRO-3, 2 CPU ranks, 1 step) ...", flush=True)

@@ -229,7 +229,8 @@ def command(cluster_file, nodes, wait_s, runs_dir, as_json):
         click.echo(f"clusterctl doctor: {cluster.backend} backend, {cluster.source}, runs in {root}")
         click.echo(table(rows))
         for target, name, detail in failed:
-            click.echo(f"\n{target}: {name}: {detail}\n  fix: {FIXES[name]}", err=True)
+            fix = "" if "fix:" in detail else f"\n  fix: {FIXES[name]}"   # a UserError brings its own
+            click.echo(f"\n{target}: {name}: {detail}{fix}", err=True)
         click.echo("\nall checks passed" if not failed else f"\n{len(failed)} check(s) failed", err=bool(failed))
     if failed:
         sys.exit(1)

@@ -35,8 +35,8 @@ class Target:
     key_files: list[str]
 
 
-class SshSettings:
-    """cluster.yaml `ssh:` turned into connection targets and checked clients."""
+class SshConnector:
+    """Connections to the hosts of cluster.yaml (its `ssh:` settings), host keys checked."""
 
     def __init__(self, cluster):
         self.cluster = cluster
@@ -201,7 +201,7 @@ class SshBackend(SupervisedBackend):
 
     def __init__(self, cluster):
         super().__init__(cluster)
-        self.settings = SshSettings(cluster)
+        self.settings = SshConnector(cluster)
         self.clients: dict = {}
 
     def hosts(self, nodes: int) -> list[str]:

@@ -75,10 +75,10 @@ def parse_probes(output: str) -> list[dict]:
 
 def probe_ssh(cluster, hosts: list[str], argv: list[str]) -> list[dict]:
     """Connect every host (host keys checked); one row per host, unreachable ones included."""
-    from clusterctl.backends.ssh import SshSettings, run_remote
+    from clusterctl.backends.ssh import SshConnector, run_remote
     from clusterctl.errors import UserError
 
-    settings = SshSettings(cluster)
+    settings = SshConnector(cluster)
     command = " ".join(shlex.quote(a) for a in argv)
 
     def one(host: str) -> dict:

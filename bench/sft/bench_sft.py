@@ -1,7 +1,7 @@
 """SFT step benchmark: clusterctl's trainer vs a minimal HF + DeepSpeed loop, same model, same DeepSpeed
 config, same batches, same run; then the memory planner against the peak memory measured here.
 
-    OMP_NUM_THREADS=1 python bench/sft/bench_sft.py [--steps 12] [--skip 3] [--repeat 2] [--work DIR]
+    OMP_NUM_THREADS=1 python bench/sft/bench_sft.py [--steps 30] [--skip 5] [--repeat 2] [--work DIR]
 
 Table 1, per ZeRO setup: tokens/s over steps skip+1..steps (best of --repeat) and peak RSS per rank (max
 over ranks), ours / reference. Table 2: a larger model of the same family (about 100 M parameters): the
@@ -92,8 +92,8 @@ def planned_mib(shape: ModelShape, case: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--skip", type=int, default=3, help="first steps left out of tokens/s (warm-up)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--skip", type=int, default=5, help="first steps left out of tokens/s (warm-up)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--work", default=None)
     parser.add_argument("--memory-only", action="store_true", help="only the planner-vs-measured table")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -228,6 +229,11 @@ def report(rows: list, sizes: dict) -> None:
               f"{s['ck_bytes'] / 1e9:.2f} GB): wall vs (c) {ours.wall_s / c.wall_s:.2f}x, vs (b) "
               f"{ours.wall_s / b.wall_s:.2f}x; throughput vs cp {(s['weights'] / ours.wall_s) / (s['ck_bytes'] / d.wall_s):.2f}; "
               f"peak anon {ours.peak_anon / GiB:.2f} GiB vs (b) {b.peak_anon / GiB:.2f} GiB, (c) {c.peak_anon / GiB:.2f} GiB")
+        written = re.search(r"wrote \d+ shards, [\d.]+ GB in ([\d.]+) s", ours.output)
+        if written and float(written.group(1)) > 0:
+            rate = s["weights"] / float(written.group(1))
+            print(f"{size}: clusterctl's shard writing alone (after imports and planning): {rate / 1e9:.2f} GB/s of "
+                  f"fp32 weights, {rate / (s['ck_bytes'] / d.wall_s):.2f} of cp's rate")
     if len(sizes) == 2:
         (_, small), (_, large) = sizes.items()
         for label in ("(a) clusterctl convert, bf16", "(b) zero_to_fp32 + save_pretrained"):

@@ -37,8 +37,9 @@ ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZ
 FAILED = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED", "DEADLINE"}
 
 
-def slurm(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Every Slurm command goes through here: bounded, and a missing tool is a user error."""
+def slurm(*argv: str) -> subprocess.CompletedProcess:
+    """Every Slurm command goes through here: bounded, and a missing tool is a user error; the
+    caller reads the exit status (a finished job is an error to squeue, not to us)."""
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
@@ -47,8 +48,6 @@ def slurm(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     except subprocess.TimeoutExpired:
         raise UserError(f"`{' '.join(argv)}` did not answer in {TIMEOUT_S} s",
                         fix="check slurmctld (`scontrol ping`)") from None
-    if check and proc.returncode != 0:
-        raise UserError(f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
 
 
@@ -133,18 +132,18 @@ def map_state(slurm_state: str) -> str:
 
 def query_job(job_id: str) -> dict | None:
     """{"state", "slurm_state", "reason", "exit_code", "restarts"} from the first source that knows the job."""
-    proc = slurm("squeue", "-h", "-j", job_id, "-O", "State:30,RestartCnt:10,Reason:500", check=False)
+    proc = slurm("squeue", "-h", "-j", job_id, "-O", "State:30,RestartCnt:10,Reason:500")
     fields = proc.stdout.split(None, 2) if proc.returncode == 0 else []
     if len(fields) == 3 and fields[0] in QUEUED | ACTIVE:
         return {"state": map_state(fields[0]), "slurm_state": fields[0], "restarts": int(fields[1]),
                 "reason": fields[2].strip()}
-    proc = slurm("scontrol", "-o", "show", "job", job_id, check=False)
+    proc = slurm("scontrol", "-o", "show", "job", job_id)
     if proc.returncode == 0 and "JobState=" in proc.stdout:
         fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
         return {"state": map_state(fields["JobState"]), "slurm_state": fields["JobState"],
                 "reason": fields.get("Reason", "None"), "exit_code": fields.get("ExitCode", ""),
                 "restarts": int(fields.get("Restarts", "0") or 0)}
-    proc = slurm("sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode", check=False)
+    proc = slurm("sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode")
     for line in proc.stdout.splitlines():
         parts = line.split("|")
         if proc.returncode == 0 and len(parts) == 3 and parts[0] == job_id:
@@ -208,10 +207,10 @@ class SlurmBackend(Backend):
             argv = ["sbatch", "--parsable"]
             if previous:
                 argv += [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"]
-            proc = slurm(*argv, str(run.stage_dir(stage) / "job.sbatch"), check=False)
+            proc = slurm(*argv, str(run.stage_dir(stage) / "job.sbatch"))
             if proc.returncode != 0:
                 if submitted:
-                    slurm("scancel", *submitted, check=False)
+                    slurm("scancel", *submitted)
                 message = f"sbatch refused stage {stage} of run {run.id}: {proc.stderr.strip()}"
                 self._give_up(run, stages, stage, message)
                 raise UserError(message, where=str(run.stage_dir(stage) / "job.sbatch"),
@@ -239,7 +238,7 @@ class SlurmBackend(Backend):
             record = data["stages"][stage]
             if broken and record["state"] not in FINISHED:
                 if record.get("job_id"):
-                    slurm("scancel", record["job_id"], check=False)
+                    slurm("scancel", record["job_id"])
                 updates[stage] = {"state": "CANCELLED", "reason": f"{broken} did not complete"}
                 continue
             if record["state"] not in FINISHED and record.get("job_id"):
@@ -267,7 +266,7 @@ class SlurmBackend(Backend):
         if info.get("restarts"):
             update["restarts"] = info["restarts"]
         if state == "PENDING" and info["reason"] == "DependencyNeverSatisfied":
-            slurm("scancel", job_id, check=False)
+            slurm("scancel", job_id)
             update.update(state="CANCELLED", reason="an earlier stage did not complete")
         elif state == "PENDING" and info["reason"] not in ("None", ""):
             update["reason"] = f"waiting: {info['reason']}"
@@ -293,10 +292,10 @@ class SlurmBackend(Backend):
         data = run.read()
         job_ids = [data["stages"][s]["job_id"] for s in data["chain"] if data["stages"][s].get("job_id")]
         if job_ids:
-            slurm("scancel", *job_ids, check=False)
+            slurm("scancel", *job_ids)
             deadline = time.time() + 60
             while time.time() < deadline:
-                out = slurm("squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids), check=False).stdout
+                out = slurm("squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids)).stdout
                 if not [line for line in out.splitlines() if line.split("|")[-1] in QUEUED | ACTIVE]:
                     break
                 time.sleep(0.5)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from fixtures.netns import wait_until
-from fixtures.runs import write_yaml
+from fixtures.runs import write_cluster
 from fixtures.slurm_cluster import SlurmCluster
 from fixtures.ssh_hosts import SshHosts
 
@@ -21,7 +21,7 @@ def hosts():
 
 
 def ssh_yaml(tmp_path, hosts, known_hosts=None, **values) -> str:
-    return write_yaml(tmp_path / "cluster.yaml", {
+    return write_cluster(tmp_path / "cluster.yaml", {
         "backend": "ssh", "hosts": values.pop("host_names", [hosts.hostlist()]), "runs_dir": str(tmp_path / "runs"),
         "ssh": {"user": hosts.user, "identity_file": hosts.identity_file,
                 "known_hosts": known_hosts or hosts.known_hosts, "connect_timeout": 5}, **values})
@@ -87,7 +87,7 @@ def test_wrong_python_fails(hosts, clusterctl, tmp_path):
 
 def test_slurm_cluster_through_srun(clusterctl, tmp_path):
     with SlurmCluster(nodes=4, gpus_per_node=0) as slurm:
-        yaml = write_yaml(tmp_path / "cluster.yaml", {"backend": "slurm", "runs_dir": str(tmp_path / "runs"),
+        yaml = write_cluster(tmp_path / "cluster.yaml", {"backend": "slurm", "runs_dir": str(tmp_path / "runs"),
                                                       "interface": "eth0", "slurm": {"partition": slurm.partition}})
         result = clusterctl("doctor", "--cluster", yaml, "--json", "--nodes", "4", check=False,
                             env={"SLURM_CONF": slurm.conf})

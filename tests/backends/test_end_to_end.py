@@ -3,10 +3,9 @@ tiny DeepSeek-V3 job runs sft -> convert -> deploy to an endpoint that answers `
 through the Slurm backend and through the ssh backend. Slow (real training, conversion, vLLM)."""
 import json
 import os
-import sys
 
 import pytest
-from fixtures.runs import submit, write_yaml
+from fixtures.runs import submit, write_cluster, write_yaml
 from fixtures.slurm_cluster import SlurmCluster
 from fixtures.ssh_hosts import SshHosts
 
@@ -23,7 +22,7 @@ JOB = {"name": "tiny-e2e", "model": "builtin:tiny-deepseek-v3", "data": "builtin
 
 
 def run_chain(clusterctl, wait_for, tmp_path, cluster: dict, env=None) -> None:
-    cluster_file = write_yaml(tmp_path / "cluster.yaml", {**cluster, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
+    cluster_file = write_cluster(tmp_path / "cluster.yaml", {**cluster, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
     job_file = write_yaml(tmp_path / "job.yaml", JOB)
     run_id, run_dir = submit(clusterctl, "sft", "--nodes", "4", "--cluster", cluster_file, "--job", job_file)
     try:
@@ -45,7 +44,7 @@ def test_slurm_chain_to_a_healthy_endpoint(clusterctl, wait_for, tmp_path):
         saved = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = slurm.conf
         try:
-            run_chain(clusterctl, wait_for, tmp_path, {"backend": "slurm", "python": sys.executable,
+            run_chain(clusterctl, wait_for, tmp_path, {"backend": "slurm",
                                                        "slurm": {"partition": slurm.partition, "time": "30:00"}})
         finally:
             os.environ.pop("SLURM_CONF") if saved is None else os.environ.update(SLURM_CONF=saved)
@@ -54,6 +53,6 @@ def test_slurm_chain_to_a_healthy_endpoint(clusterctl, wait_for, tmp_path):
 def test_ssh_chain_to_a_healthy_endpoint(clusterctl, wait_for, tmp_path):
     with SshHosts(4) as hosts:
         run_chain(clusterctl, wait_for, tmp_path, {
-            "backend": "ssh", "hosts": [hosts.hostlist()], "python": sys.executable,
+            "backend": "ssh", "hosts": [hosts.hostlist()],
             "ssh": {"user": hosts.user, "identity_file": hosts.identity_file, "known_hosts": hosts.known_hosts}})
 

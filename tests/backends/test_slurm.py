@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from fixtures.runs import finished, program, submit, write_yaml
+from fixtures.runs import finished, program, submit, write_cluster
 from fixtures.slurm_cluster import SlurmCluster
 
 from clusterctl.backends.slurm import extra_options
@@ -34,7 +34,7 @@ def slurm():
 
 
 def cluster_yaml(tmp_path, slurm, setup: dict, **slurm_settings) -> str:
-    return write_yaml(tmp_path / "cluster.yaml", {
+    return write_cluster(tmp_path / "cluster.yaml", {
         "backend": "slurm", "slurm": {"partition": slurm.partition, "time": "10:00", **slurm_settings},
         "setup": setup})
 
@@ -47,7 +47,7 @@ def scontrol(slurm, job_id: str) -> dict:
 
 def test_sft_on_4_nodes_forms_one_rendezvous(slurm, clusterctl, wait_for, tmp_path):
     comment = 'a # "quoted" value'
-    yaml = write_yaml(tmp_path / "cluster.yaml", {
+    yaml = write_cluster(tmp_path / "cluster.yaml", {
         "backend": "slurm", "gpus_per_node": 2,
         "slurm": {"partition": slurm.partition, "time": "10:00", "extra_options": {"comment": comment}},
         "setup": {"sft": ['echo "gpus=$CUDA_VISIBLE_DEVICES"', program("rendezvous")]}})
@@ -189,7 +189,7 @@ def test_usr2_checkpoints_and_requeues_within_the_budget(slurm, clusterctl, wait
     ({"bad name": "x"}, "is not an sbatch option name"),
 ])
 def test_extra_options_clusterctl_controls_are_refused(tmp_path, options, message):
-    yaml = write_yaml(tmp_path / "cluster.yaml", {"backend": "slurm", "slurm": {"extra_options": options}})
+    yaml = write_cluster(tmp_path / "cluster.yaml", {"backend": "slurm", "slurm": {"extra_options": options}})
     with pytest.raises(ConfigError) as err:
         extra_options(load_cluster(yaml))
     key = next(iter(options))
@@ -198,6 +198,6 @@ def test_extra_options_clusterctl_controls_are_refused(tmp_path, options, messag
 
 
 def test_extra_options_are_merged(tmp_path):
-    yaml = write_yaml(tmp_path / "cluster.yaml", {"backend": "slurm", "slurm": {"extra_options": {
+    yaml = write_cluster(tmp_path / "cluster.yaml", {"backend": "slurm", "slurm": {"extra_options": {
         "exclusive": "", "constraint": "h100&ib", "C": "x", "mem": "0"}}})
     assert extra_options(load_cluster(yaml)) == ["--exclusive", '--constraint="h100&ib"', "-C x", "--mem=0"]

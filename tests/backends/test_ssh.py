@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from fixtures.runs import finished, program, submit, write_yaml
+from fixtures.runs import finished, program, submit, write_cluster
 from fixtures.ssh_hosts import SshHosts
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,7 +21,7 @@ def hosts():
 
 
 def cluster_yaml(tmp_path, hosts, setup: dict, *, host_names=None, known_hosts=None) -> str:
-    return write_yaml(tmp_path / "cluster.yaml", {
+    return write_cluster(tmp_path / "cluster.yaml", {
         "backend": "ssh", "hosts": host_names or [hosts.hostlist()],
         "ssh": {"user": hosts.user, "identity_file": hosts.identity_file,
                 "known_hosts": known_hosts or hosts.known_hosts, "connect_timeout": 5},

@@ -95,13 +95,14 @@ def up(path: str, deficit: int) -> int:
     finally:
         os.close(fd)
     os.chmod(path, 0o600)
-    for cmd, why in ((["mkswap", path], "mkswap failed"), (["swapon", path], "swapon is not permitted here")):
+    for cmd, why in ((["mkswap", path], "mkswap failed"), (["swapon", path], "swapon refused the file (not permitted here, or its file system cannot hold swap)")):
         result = _run(cmd)
         if result.returncode != 0:
             os.unlink(path)
             raise UserError(f"{why}: {result.stderr.strip() or result.stdout.strip()}", where=path,
                             fix="run the convert job as root on a host that allows swap (containers often do "
-                                "not), or give it a node with enough RAM")
+                                "not), with swap_dir on a local disk (not tmpfs/NFS), or give it a node with "
+                                "enough RAM")
     return size
 
 

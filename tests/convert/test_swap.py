@@ -71,7 +71,7 @@ def test_refuses_when_the_folder_lacks_space(tmpfs):
 
 def test_refuses_when_swapon_is_not_permitted(tmpfs):
     fs = tmpfs("80M")                          # the kernel refuses swap files on tmpfs, like many containers
-    with pytest.raises(UserError, match=r"swapon is not permitted here: .*\n  fix: run the convert job as root"):
+    with pytest.raises(UserError, match=r"swapon refused the file .*\n  fix: run the convert job as root"):
         swap.up(str(fs / "s.swap"), 10 << 20)
     assert not os.listdir(fs)
 

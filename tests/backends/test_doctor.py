@@ -97,3 +97,14 @@ def test_slurm_cluster_through_srun(clusterctl, tmp_path):
         result = clusterctl("doctor", "--cluster", yaml, "--json", "--nodes", "5", "--wait", "3", check=False,
                             env={"SLURM_CONF": slurm.conf})
         assert result.returncode == 1 and "did not answer" in json.dumps(json.loads(result.stdout))
+
+
+def test_unknown_host_accepted_only_when_the_user_says_so(hosts, clusterctl, tmp_path):
+    known = hosts.write_known_hosts(str(tmp_path / "known_hosts"), hosts.names[1:])
+    strict = ssh_yaml(tmp_path, hosts, known_hosts=known, host_names=hosts.names[:2])
+    code, report = doctor(clusterctl, strict)
+    assert code == 1 and failing(report) == {hosts.names[0]: ["reachable"]}
+    values = json.loads(open(strict).read())
+    values["ssh"]["insecure_accept_unknown_hosts"] = True
+    code, report = doctor(clusterctl, write_cluster(tmp_path / "cluster.yaml", values))
+    assert code == 0 and report["ok"], report

@@ -70,13 +70,13 @@ def run_port(run) -> int:
 
 
 def test_head_fails_by_its_deadline_naming_the_worker_that_never_started(tmp_path, hosts, tiny_model):
-    run, nodes = deploy(tmp_path, hosts, tiny_model, ready_timeout=8)
+    run, nodes = deploy(tmp_path, hosts, tiny_model, ready_timeout=20)
     try:
         head = nodes.start(0)                 # node 1 is never started
         head.wait(timeout=180)
         assert head.returncode == 1, nodes.logs()
         log = nodes.log(0)
-        assert "1 of 2 nodes joined; missing: node-001 (its node script never started)" in log
+        assert "missing: node-001 (its node script never started)" in log, log[-3000:]
         assert not (run.state_dir("deploy") / "endpoint.json").exists()
         assert "vllm serve" not in log
         assert nodes.leftovers() == [], "the head's Ray outlived its failed gate"

@@ -26,6 +26,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def converted_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model after the real chain: 2 DeepSpeed ZeRO-3 bf16 steps on 2 CPU ranks (as the SFT stage
+    lays them out), then the convert stage's `python -m clusterctl.convert` (with its verification)."""
+    from tests.convert.conftest import make_checkpoint, run_checked
+    work = tmp_path_factory.mktemp("converted")
+    checkpoints = make_checkpoint(str(tiny_model), str(work / "checkpoints"), 3, "bf16")
+    run_checked([sys.executable, "-m", "clusterctl.convert", "--checkpoint", checkpoints, "--out", str(work / "model")])
+    return work / "model"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,5 +1,5 @@
 """A real one-node deployment: the rendered deploy script starts vLLM's CPU build on the tiny DeepSeek-V3
-(127.0.0.1 only, API key from a file), publishes endpoint.json once healthy, passes `clusterctl health`
+as the convert stage wrote it (127.0.0.1 only, API key from a file), publishes endpoint.json once healthy, passes `clusterctl health`
 (also under load), serves the same greedy tokens as transformers, and stops cleanly on cancel."""
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "1 2 3 4 5", "Reason
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
+def served(converted_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serve") / "run"
     run_dir.mkdir()
     key_file = run_dir.parent / "api-key"
     key_file.write_text(API_KEY + "\n")
-    run = render_deploy(run_dir, model=tiny_model, vllm_port=free_port(), host="127.0.0.1",
+    run = render_deploy(run_dir, model=converted_model, vllm_port=free_port(), host="127.0.0.1",
                         api_key_file=str(key_file), reasoning_parser="deepseek_r1")
     nodes = NodeScripts(run, 1)
     try:
@@ -110,15 +110,15 @@ def _greedy_vllm(url: str, prompt_ids: list[int], n: int) -> list[int]:
         return json.loads(reply.read())["choices"][0]["token_ids"]
 
 
-def test_greedy_tokens_match_transformers_up_to_the_first_near_tie(served, tiny_model):
+def test_greedy_tokens_match_transformers_up_to_the_first_near_tie(served, converted_model):
     """Random tiny weights make near-ties; past the first position where transformers' top two logits are
     within 0.01, bf16 rounding may pick either, so the comparison stops there."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, _, endpoint = served
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(converted_model)
+    model = AutoModelForCausalLM.from_pretrained(converted_model, dtype=torch.float32).eval()
     n, compared = 24, 0
     for prompt in PROMPTS:
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 
-
 from clusterctl.backends.base import backend_for
 from clusterctl.config import ClusterConfig, DeploySpec, JobSpec
 from clusterctl.render import render_stage

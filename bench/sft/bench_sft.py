@@ -66,9 +66,12 @@ def run_one(work: Path, name: str, model: Path, case: dict, steps: int, who: str
     return out
 
 
-def run_pair(work: Path, name: str, model: Path, case: dict, steps: int, skip: int) -> dict:
-    """One reference run and one of ours on identical settings: tokens/s and peak RSS of each."""
-    ref_out, ours_out = (run_one(work, name, model, case, steps, who) for who in ("reference", "ours"))
+def run_pair(work: Path, name: str, model: Path, case: dict, steps: int, skip: int, ours_first: bool) -> dict:
+    """One reference run and one of ours on identical settings: tokens/s and peak RSS of each. Repeats
+    alternate which runs first, so a load change on a shared machine does not always hit the same side."""
+    order = ("ours", "reference") if ours_first else ("reference", "ours")
+    outs = {who: run_one(work, name, model, case, steps, who) for who in order}
+    ref_out, ours_out = outs["reference"], outs["ours"]
     ref = json.loads((ref_out / "reference.json").read_text())
     tokens = sum(ref["tokens"][skip:])
     ours = [json.loads(line) for line in (ours_out / "metrics.jsonl").read_text().splitlines()]
@@ -112,7 +115,8 @@ def main() -> None:
         print(f"{'setup':<18} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6} {'ours RSS MiB':>13} "
               f"{'ref RSS MiB':>12} {'ratio':>6}")
         for name, case in CASES.items():
-            r = best([run_pair(work, "tiny", tiny, case, args.steps, args.skip) for _ in range(args.repeat)])
+            r = best([run_pair(work, "tiny", tiny, case, args.steps, args.skip, ours_first=i % 2 == 1)
+                      for i in range(args.repeat)])
             tiny_rss[name] = r["ours"]["rss"]
             print(f"{name:<18} {r['ours']['tps']:>11.0f} {r['reference']['tps']:>10.0f} "
                   f"{r['ours']['tps'] / r['reference']['tps']:>6.2f} {r['ours']['rss']:>13.0f} "

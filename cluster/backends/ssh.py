@@ -119,17 +119,18 @@ class SshConnector:
 
 
 def run_remote(client, command: str, timeout: float = 60) -> tuple[int, str]:
-    """Run one short command; (exit status, combined output)."""
+    """Run one short command; (exit status, combined output); 124 (as timeout(1)) when it hangs."""
     channel = client.get_transport().open_session()
     channel.set_combine_stderr(True)
     channel.settimeout(timeout)
     channel.exec_command(command)
     output = b""
-    while True:
-        chunk = channel.recv(65536)
-        if not chunk:
-            break
-        output += chunk
+    try:
+        while chunk := channel.recv(65536):
+            output += chunk
+    except TimeoutError:
+        channel.close()
+        return 124, output.decode(errors="replace") + f"\n(no answer for {timeout:g} s)"
     return channel.recv_exit_status(), output.decode(errors="replace")
 
 
@@ -191,7 +192,7 @@ def stop_group_command(pgid: int, grace: float) -> str:
             f"kill -KILL -- {group} 2>/dev/null; exit 0")
 
 
-def pdsh_command(hosts: list[str], stage_dir: str) -> str:
+def pdsh_command(stage_dir: str) -> str:
     """pdsh's remote command: %n (the host's position in -w) picks the node script; %% is a literal %."""
     return f"bash {shlex.quote(stage_dir).replace('%', '%%')}/node-$(printf %%03d %n).sh"
 
@@ -225,7 +226,7 @@ class SshBackend(SupervisedBackend):
             "ssh/pdsh.sh.j2", **context,
             header=header(f"run {run.id}, stage {stage} on {len(hosts)} host(s) (ssh backend)", f"bash {script}"),
             pdsh_hosts=",".join(hosts), pdsh_user=ssh.user, ssh_args=" ".join(shlex.quote(a) for a in ssh_args),
-            remote_command=pdsh_command(hosts, str(run.stage_dir(stage))))
+            remote_command=pdsh_command(str(run.stage_dir(stage))))
         return {"pdsh.sh": text}
 
     def submit(self, run: Run, stages: list[str]) -> None:

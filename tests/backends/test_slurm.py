@@ -201,3 +201,18 @@ def test_extra_options_are_merged(tmp_path):
     yaml = write_cluster(tmp_path / "cluster.yaml", {"backend": "slurm", "slurm": {"extra_options": {
         "exclusive": "", "constraint": "h100&ib", "C": "x", "mem": "0"}}})
     assert extra_options(load_cluster(yaml)) == ["--exclusive", '--constraint="h100&ib"', "-C x", "--mem=0"]
+
+
+@pytest.mark.slow
+def test_time_limit_warning_comes_from_slurm_itself(slurm, clusterctl, wait_for, tmp_path):
+    """No manual signal: --time=2 with slurm.signal_seconds=100 makes Slurm send USR2 to the batch script
+    (B:) about 100 s before the limit (Slurm checks every 30-60 s); the job checkpoints and requeues."""
+    yaml = cluster_yaml(tmp_path, slurm, {"sft": [f"trap '' USR2; {program('preemptible')}"]},
+                        time="2", signal_seconds=100, max_restarts=1)
+    run_id, run_dir = submit(clusterctl, "sft", "--stages", "sft", "--nodes", "2", "--cluster", yaml)
+    job_id = json.loads((run_dir / "run.json").read_text())["stages"]["sft"]["job_id"]
+    wait_for(run_id, lambda s: scontrol(slurm, job_id).get("Restarts") == "1", timeout=150,
+             what="Slurm's USR2 and the requeue")
+    assert all((run_dir / "state/sft" / f"checkpoint-0-{r:03d}").exists() for r in range(2))
+    assert "USR2: time limit in 100 s" in (run_dir / f"logs/sft/slurm-{job_id}.log").read_text()
+    clusterctl("cancel", run_id)

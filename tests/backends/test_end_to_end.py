@@ -58,11 +58,6 @@ def test_ssh_chain_to_a_healthy_endpoint(clusterctl, wait_for, tmp_path):
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "srun delivers USR2 to every process of the task, and torchrun has no handler for it: it dies and takes "
-    "the ranks with it (PDEATHSIG) before they checkpoint (step exits 140). Fix: the node script must start "
-    "the launcher with USR2 ignored (`trap '' USR2` in templates/node.sh.j2 before the setup lines; the ranks "
-    "install their own handler). Verified: with that line this test passes (273 s)."))
 def test_slurm_preempted_sft_checkpoints_requeues_and_resumes(clusterctl, wait_for, tmp_path):
     """The real trainer under the time-limit warning: USR2 (as --signal=B:USR2@S delivers it) makes
     it save a checkpoint and stop; the job requeues and the next run resumes from that checkpoint."""

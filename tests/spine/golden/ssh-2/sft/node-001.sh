@@ -50,13 +50,16 @@ module load cuda/12.4
 set -u
 
 cd "$STAGE_DIR"
+# Slurm's time-limit warning (USR2) reaches every process of the task: the launcher starts with USR2
+# ignored (it would die and take the ranks with it); the ranks install their own handler, checkpoint, exit.
+trap '' USR2
 # One launcher per node; it starts NPROC_PER_NODE ranks (torchrun == python -m torch.distributed.run).
 "$CLUSTERCTL_PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m clusterctl.training.sft --config "$STAGE_DIR/train.json" &
 child=$!
-# Slurm's preemption warning (USR2) goes to the training ranks (torchrun's children): they checkpoint and exit.
+# A USR2 sent to this script alone (by hand, or a batch script) is passed on to the ranks.
 trap 'pkill -USR2 -P "$child" || true' USR2
 while :; do
   set +e; wait "$child"; rc=$?; set -e

@@ -180,6 +180,7 @@ def load_job(path: str | None, *, sft_nodes: int | None, cluster: ClusterConfig,
     _check_parallelism(job, cluster, at)
     if check_paths:
         _check_input_paths(job, source, at)
+    _check_deploy_parallelism(job, cluster, at)
     return job
 
 
@@ -197,6 +198,17 @@ def _check_parallelism(job: JobSpec, cluster: ClusterConfig, at) -> None:
         raise ConfigError(f"sequence_parallel {job.train.sequence_parallel} does not divide the "
                           f"world size {world} ({job.sft_nodes} nodes x {cluster.procs_per_node})",
                           where=at("sft.sequence_parallel"), fix="pick a divisor of the world size")
+
+
+def _check_deploy_parallelism(job: JobSpec, cluster: ClusterConfig, at) -> None:
+    """tp must divide the attention heads, pp at most the layers: vLLM would fail late or hang."""
+    from clusterctl.deploy.vllm_args import check_parallel, read_model_config, resolve_parallel
+
+    tp, pp = resolve_parallel(job.deploy.tensor_parallel, job.deploy.pipeline_parallel,
+                              gpus_per_node=cluster.gpus_per_node, nodes=job.deploy.nodes)
+    model_config = None if job.model.startswith("builtin:") else read_model_config(job.model)
+    check_parallel(tp, pp, gpus_per_node=cluster.gpus_per_node, nodes=job.deploy.nodes,
+                   model_config=model_config, where=lambda field: at(f"deploy.{field}"))
 
 
 def _check_input_paths(job: JobSpec, source: Path, at) -> None:

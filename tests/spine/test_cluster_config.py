@@ -80,3 +80,19 @@ def test_cli_prints_the_message_without_a_traceback(clusterctl, tmp_path):
     assert result.stderr.startswith(f"clusterctl: error: {path}:3: bogus: unknown key")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing rendered
+
+
+def test_deploy_tensor_parallel_must_divide_the_attention_heads(tmp_path):
+    import shutil
+    from pathlib import Path
+    model = tmp_path / "deepseek-v3"
+    shutil.copytree(Path(__file__).parents[1] / "data" / "models" / "deepseek-v3", model)
+    (tmp_path / "train.jsonl").write_text("[]")
+    cluster = load_cluster(write(tmp_path, "cluster.yaml", "backend: slurm\ngpus_per_node: 8\n"))
+    job = write(tmp_path, "job.yaml", f"model: {model}\ndata: train.jsonl\n"
+                                      "deploy:\n  nodes: 4\n  tensor_parallel: 3\n  pipeline_parallel: 4\n")
+    message = error_of(lambda: load_job(job, sft_nodes=None, cluster=cluster))
+    assert f"{job}:5: deploy.tensor_parallel" in message and "128" in message
+    job = write(tmp_path, "job.yaml", f"model: {model}\ndata: train.jsonl\n"
+                                      "deploy:\n  nodes: 4\n  tensor_parallel: 8\n  pipeline_parallel: 4\n")
+    assert load_job(job, sft_nodes=None, cluster=cluster).deploy.pipeline_parallel == 4

@@ -12,9 +12,8 @@ def run_status(run) -> dict:
     from clusterctl.config import load_cluster
 
     data = backend_for(load_cluster(str(run.dir / "cluster.yaml"))).refresh(run)
-    keep = ("state", "nodes", "hosts", "job_id", "submitted", "restarts", "started", "ended", "exit_code", "reason",
-            "failed_nodes",
-            "node_states", "output", "endpoint", "served_model")
+    keep = ("state", "nodes", "hosts", "job_id", "submitted", "restarts", "started", "ended", "exit_code",
+            "reason", "failed_nodes", "node_states", "output", "endpoint", "served_model")
     stages = {stage: {k: v for k, v in data["stages"][stage].items() if k in keep} for stage in data["chain"]}
     return {"run": run.id, "dir": str(run.dir), "backend": data["backend"], "stages": stages}
 

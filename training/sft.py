@@ -217,7 +217,6 @@ class Trainer:
 
     def _micro_step(self, rows) -> tuple:
         """Forward + backward of this rank's rows; returns (token-loss sum, label count, real tokens)."""
-        import torch
         import torch.nn.functional as F
 
         from clusterctl.training import ulysses

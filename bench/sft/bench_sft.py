@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clusterctl.plan import GIB, ModelShape, Setup, plan
-from clusterctl.training.tiny import MODEL_SHAPE, build_tiny_model
+from clusterctl.plan import ModelShape, Setup, plan
+from clusterctl.training.tiny import build_tiny_model
 
 HERE = Path(__file__).resolve().parent
 CASES = {"ZeRO-2": dict(zero_stage=2, offload_optimizer=False, offload_param=False),

@@ -14,6 +14,7 @@ import sys
 import time
 
 from clusterctl.config import ClusterConfig
+from clusterctl.procs import alive
 from clusterctl.run import FINISHED, Run
 
 
@@ -77,7 +78,7 @@ class SupervisedBackend(Backend):
         data = run.read()
         pid = data.get("supervisor", {}).get("pid")
         unfinished = [s for s in data["chain"] if data["stages"][s]["state"] not in FINISHED]
-        if pid and unfinished and not _alive(pid):
+        if pid and unfinished and not alive(pid):
             def change(record):
                 for stage in unfinished:
                     if record["stages"][stage]["state"] not in FINISHED:
@@ -89,28 +90,14 @@ class SupervisedBackend(Backend):
     def cancel(self, run: Run) -> None:
         data = run.read()
         pid = data.get("supervisor", {}).get("pid")
-        if pid and _alive(pid):
+        if pid and alive(pid):
             os.kill(pid, signal.SIGTERM)
             deadline = time.time() + 60
-            while _alive(pid) and time.time() < deadline:
+            while alive(pid) and time.time() < deadline:
                 time.sleep(0.2)
         # Whatever the supervisor could not stop (or if it was gone): stop it here.
         from clusterctl.pipeline import cancel_remaining
         cancel_remaining(run, self, reason="cancelled by the user")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def backend_for(cluster: ClusterConfig) -> Backend:

@@ -5,9 +5,9 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 from clusterctl.backends.base import NodeProcess, SupervisedBackend
+from clusterctl.procs import processes_with_env
 from clusterctl.run import Run
 
 
@@ -57,34 +57,11 @@ class LocalBackend(SupervisedBackend):
 def _node_processes(run: Run, stage: str, rank: int) -> list[int]:
     """Processes of one node: its process group plus any descendant that left the group (same env)."""
     pid_file = run.state_dir(stage) / f"node-{rank:03d}.pid"
-    pgid = None
-    if pid_file.exists():
-        try:
-            pgid = int(pid_file.read_text().split()[0])
-        except (ValueError, IndexError):
-            pgid = None
-    marks = (f"RUN_DIR={run.dir}".encode(), f"STAGE={stage}".encode(), f"NODE_RANK={rank}".encode())
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if pgid is not None and os.getpgid(int(entry.name)) == pgid:
-                found.append(int(entry.name))
-                continue
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ProcessLookupError):
-            continue
-        if all(mark in environ for mark in marks):
-            found.append(int(entry.name))
-    return [pid for pid in found if _not_zombie(pid)]
-
-
-def _not_zombie(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        pgid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pgid = None
+    return processes_with_env(f"RUN_DIR={run.dir}", f"STAGE={stage}", f"NODE_RANK={rank}", pgid=pgid)
 
 
 BACKEND = LocalBackend

@@ -14,7 +14,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from clusterctl.backends.base import NodeProcess, SupervisedBackend
 from clusterctl.errors import UserError
@@ -237,10 +236,12 @@ class SshBackend(SupervisedBackend):
             for client in self.settings.connect_all(run.read()["stages"][first]["hosts"]).values():
                 client.close()
         except UserError as exc:
+            reason = str(exc)
+
             def change(data):
                 for stage in stages:
                     data["stages"][stage].update(
-                        {"state": "FAILED", "reason": str(exc), "ended": time.time()} if stage == first else
+                        {"state": "FAILED", "reason": reason, "ended": time.time()} if stage == first else
                         {"state": "CANCELLED", "reason": f"{first} failed", "ended": time.time()})
             run.update(change)
             raise

@@ -15,6 +15,7 @@ import pytest
 from clusterctl.backends.base import Backend
 from clusterctl.config import ClusterConfig, DeploySpec, JobSpec, Ports
 from clusterctl.render import render_stage, write_files
+from clusterctl.procs import processes_with_env
 from clusterctl.run import Run
 
 SHM_PATTERNS = ("*cpushm*", "psm_*")
@@ -121,18 +122,7 @@ class NodeScripts:
 
     def leftovers(self) -> list[int]:
         """Live processes that carry this run's environment (what a clean stop must leave: none)."""
-        mark = f"RUN_DIR={self.run.dir}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if mark in (entry / "environ").read_bytes().split(b"\0") and \
-                        (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+        return processes_with_env(f"RUN_DIR={self.run.dir}")
 
     def close(self) -> None:
         """Stop everything this run started, whatever state it is in; remove its /dev/shm files."""

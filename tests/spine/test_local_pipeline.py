@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from clusterctl.procs import processes_with_env
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -18,19 +20,7 @@ def free_port() -> int:
 
 def processes_of(run_dir: str) -> list[int]:
     """Every live process started for this run (node scripts export RUN_DIR)."""
-    mark = f"RUN_DIR={run_dir}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if mark in (entry / "environ").read_bytes().split(b"\0"):
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return processes_with_env(f"RUN_DIR={run_dir}")
 
 
 def status(clusterctl, run_id) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.deploy.conftest import NodeScripts, close_hosts, free_port, render_deploy  # noqa: E402
+from tests.deploy.conftest import NodeScripts, free_port, render_deploy  # noqa: E402
 from tests.fixtures.netns import NetnsHosts  # noqa: E402
 
 PY = sys.executable
@@ -135,7 +135,7 @@ def by_hand_two_nodes(model: Path) -> float:
     finally:
         if server:
             stop(server)
-        close_hosts(hosts)             # kills the Ray daemons left in the namespaces
+        hosts.close()             # kills the Ray daemons left in the namespaces
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -158,7 +158,7 @@ def clusterctl_two_nodes(model: Path, work: Path) -> float:
         finally:
             nodes.close()
     finally:
-        close_hosts(hosts)
+        hosts.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 

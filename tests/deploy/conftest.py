@@ -158,27 +158,3 @@ def _mapped(path: Path) -> bool:
         except OSError:
             continue
     return False
-
-
-def close_hosts(hosts) -> None:
-    """NetnsHosts.close(), then delete the host-side veths: a deleted namespace that a lingering kernel
-    socket still holds keeps its veth for minutes, and the next cluster claiming that index then fails
-    with `RTNETLINK answers: File exists`."""
-    index, count = hosts.index, hosts.count
-    hosts.close()
-    for i in range(1, count + 1):
-        if index is not None and Path(f"/sys/class/net/cc{index}v{i}").exists():
-            subprocess.run(["ip", "link", "del", f"cc{index}v{i}"], capture_output=True, timeout=15)
-
-
-def wait_for(check, timeout: float, what: str, alive=lambda: None, interval: float = 0.5):
-    """Poll `check()` until truthy; `alive()` raises when a node died; fail after `timeout` naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive()
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)

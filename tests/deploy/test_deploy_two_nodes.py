@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from tests.deploy.conftest import NodeScripts, close_hosts, free_port, render_deploy, wait_for
-from tests.fixtures.netns import NetnsHosts
+from tests.deploy.conftest import NodeScripts, free_port, render_deploy
+from tests.fixtures.netns import NetnsHosts, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def hosts():
     try:
         yield hosts
     finally:
-        close_hosts(hosts)
+        hosts.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -45,7 +45,7 @@ def test_two_node_deploy_gates_ray_serves_and_stops_cleanly(tmp_path, hosts, tin
                 if proc.poll() is not None:
                     raise AssertionError(f"node {rank} exited {proc.returncode}:\n{nodes.logs()}")
         endpoint_file = run.state_dir("deploy") / "endpoint.json"
-        wait_for(endpoint_file.exists, 400, "the 2-node deploy to become healthy", alive)
+        wait_until(endpoint_file.exists, 400, "the 2-node deploy to become healthy", alive)
         endpoint = json.loads(endpoint_file.read_text())
         assert endpoint == {"url": f"http://{hosts.addrs[0]}:{run_port(run)}", "model": "tiny-r1"}
         head_log = nodes.log(0)

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from tests.deploy.conftest import close_hosts
 from tests.fixtures.netns import NetnsHosts
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -42,7 +41,7 @@ def ray_cluster():
             except ProcessLookupError:
                 pass
             proc.wait(timeout=10)
-        close_hosts(hosts)         # also kills whatever is left in the namespaces
+        hosts.close()         # also kills whatever is left in the namespaces
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from tests.deploy.conftest import NodeScripts, free_port, render_deploy, wait_for
+from tests.deploy.conftest import NodeScripts, free_port, render_deploy
+from tests.fixtures.netns import wait_until
 
 pytestmark = pytest.mark.slow
 API_KEY = "sk-clusterctl-test-4242"
@@ -34,7 +35,7 @@ def served(converted_model, tmp_path_factory):
             if proc.poll() is not None:
                 raise AssertionError(f"the deploy script exited {proc.returncode}:\n{nodes.logs()}")
         endpoint_file = run.state_dir("deploy") / "endpoint.json"
-        wait_for(endpoint_file.exists, 400, "vLLM to become healthy (endpoint.json)", alive)
+        wait_until(endpoint_file.exists, 400, "vLLM to become healthy (endpoint.json)", alive)
         yield run, nodes, json.loads(endpoint_file.read_text())
     finally:
         nodes.close()

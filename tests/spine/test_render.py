@@ -40,9 +40,12 @@ def render(tmp_path, backend: str, nodes: int, *, stages=("sft", "convert", "dep
 
 
 def kept_in_golden(name: str, nodes: int) -> bool:
-    """Golden copies of every file, except for 32 nodes: nodes 0, 1 and 31 (the rest are checked
-    against node 1 by test_middle_nodes_differ_from_node_1_only_in_rank)."""
+    """Golden copies of what --nodes changes: the SFT files at every node count (for 32 nodes only
+    nodes 0, 1 and 31; test_middle_nodes_differ_from_node_1_only_in_rank checks the rest); convert and
+    deploy, whose node counts come from the job spec, once (at 4 nodes)."""
     rank = re.fullmatch(r"sft/node-(\d{3})\.sh", name)
+    if not name.startswith("sft/"):
+        return nodes == 4
     return nodes < 32 or not rank or int(rank.group(1)) in (0, 1, nodes - 1)
 
 
@@ -76,7 +79,9 @@ def test_golden_files(tmp_path, backend, nodes):
 def test_golden_files_of_the_xtuner_engine(tmp_path, backend):
     """engine: xtuner renders the recipe's own launch (not run in CI: it needs the recipe's env)."""
     files = render(tmp_path, backend, 4, stages=("sft", "convert"), engine="xtuner")
-    assert 'xtuner" train "$STAGE_DIR/xtuner_config.py"' in files["sft/node-002.sh"] and "sft/xtuner_config.py" in files
+    assert 'xtuner" train "$STAGE_DIR/xtuner_config.py"' in files["sft/node-002.sh"]
+    config = files.pop("sft/xtuner_config.py")   # its own golden test: tests/training/test_xtuner.py
+    assert '"/models/DeepSeek-V3-bf16"' in config and "sequence_parallel_size = 4" in config
     assert_golden(GOLDEN / f"{backend}-4-xtuner", files)
 
 

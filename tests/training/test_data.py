@@ -9,7 +9,7 @@ from clusterctl.commands.data import command as data_command
 from clusterctl.errors import UserError
 from clusterctl.training import data
 
-MODELS = Path("/work/shared/models")
+MODELS = Path(__file__).parents[1] / "data" / "models"   # the real DeepSeek-V3/R1 configs and chat templates
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is 2 + 3?"},

@@ -1,5 +1,6 @@
 """The memory planner: parameter counts from config.json, fit verdicts, suggestions, the CLI."""
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -8,7 +9,7 @@ from clusterctl.commands.plan import command as plan_command
 from clusterctl.errors import UserError
 from clusterctl.plan import GIB, ModelShape, Setup, load_shape, plan, suggest
 
-V3 = "/work/shared/models/deepseek-v3"
+V3 = str(Path(__file__).parents[1] / "data" / "models" / "deepseek-v3")   # the real 671B config.json
 
 
 def test_parameter_counts_match_real_models(tiny_model):

@@ -10,7 +10,7 @@ import yaml
 from clusterctl.backends.base import backend_for
 from clusterctl.config import STAGES, ClusterConfig, JobSpec, load_cluster, load_job
 from clusterctl.errors import UserError
-from clusterctl.render import render_run, write_files
+from clusterctl.render import render_run, stage_io, write_files
 from clusterctl.run import Run, default_runs_dir, master_port_for, new_run_id
 
 
@@ -47,7 +47,7 @@ def create_run(*, stages: list[str], cluster: ClusterConfig, job: JobSpec, runs_
     (run.dir / "logs").mkdir()
     run.write({
         "run": run.id, "created": time.time(), "backend": cluster.backend, "dry_run": dry_run,
-        "master_port": port, "order": list(STAGES), "chain": stages,
+        "master_port": port, "chain": stages,
         "cluster": cluster_snapshot(cluster), "job": job_snapshot(job), "overrides": overrides,
         "sources": {"cluster": cluster.source, "job": job.source},
         "stages": {stage: {"state": "PENDING", "nodes": job.nodes(stage),
@@ -81,11 +81,11 @@ def job_snapshot(job: JobSpec) -> dict:
 
 
 def _outputs(run: Run, stage: str, overrides: dict) -> dict:
-    if stage == "sft":
-        return {"output": str(run.stage_dir("sft") / "checkpoints")}
-    if stage == "convert":
-        return {"output": overrides.get("model_out") or str(run.stage_dir("convert") / "model")}
-    return {"endpoint": ""}
+    """What run.json records of a stage's output before it runs (the deploy endpoint comes later)."""
+    if stage == "deploy":
+        return {"endpoint": ""}
+    (output,) = stage_io(run, stage, overrides)[1].values()
+    return {"output": output}
 
 
 def check_memory(job: JobSpec, cluster: ClusterConfig) -> None:

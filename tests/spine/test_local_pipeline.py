@@ -27,6 +27,15 @@ def status(clusterctl, run_id) -> dict:
     return json.loads(clusterctl("status", run_id, "--json").stdout)
 
 
+def submit_training(clusterctl, cluster: str, tmp_path, sft: str, *stage_args) -> dict:
+    """Submit a small SFT job (2 local nodes, `sft` settings added) without following it."""
+    job = tmp_path / "job.yaml"
+    job.write_text("sft: {nodes: 2, max_length: 128, micro_batch: 1, grad_accum: 1, offload_optimizer: false,"
+                   f" offload_param: false, gradient_checkpointing: false, {sft}}}\n")
+    return json.loads(clusterctl("submit", "sft", *stage_args, "--cluster", cluster, "--job", job,
+                                 "--detach", "--json").stdout)
+
+
 @pytest.fixture
 def local_cluster(tmp_path):
     path = tmp_path / "cluster.yaml"
@@ -63,12 +72,7 @@ def test_embedded_default_pipeline_serves_then_cancels_cleanly(clusterctl, local
 
 @pytest.mark.slow
 def test_killing_one_node_fails_the_stage_and_cancels_the_rest(clusterctl, local_cluster, tmp_path):
-    job = tmp_path / "job.yaml"
-    job.write_text("sft: {nodes: 2, max_steps: 100000, max_length: 128, micro_batch: 1, grad_accum: 1,"
-                   " offload_optimizer: false, offload_param: false, save_steps: 100000,"
-                   " gradient_checkpointing: false}\n")
-    run = json.loads(clusterctl("submit", "sft", "--nodes", "2", "--cluster", local_cluster, "--job", job,
-                                "--detach", "--json").stdout)
+    run = submit_training(clusterctl, local_cluster, tmp_path, "max_steps: 100000, save_steps: 100000")
     metrics = Path(run["dir"]) / "sft" / "metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -95,12 +99,8 @@ def test_killing_one_node_fails_the_stage_and_cancels_the_rest(clusterctl, local
 
 @pytest.mark.slow
 def test_retry_resumes_sft_from_its_last_complete_checkpoint(clusterctl, local_cluster, tmp_path):
-    job = tmp_path / "job.yaml"
-    job.write_text("sft: {nodes: 2, max_steps: 120, max_length: 128, micro_batch: 1, grad_accum: 1,"
-                   " offload_optimizer: false, offload_param: false, save_steps: 3, save_total_limit: 1,"
-                   " gradient_checkpointing: false}\n")
-    run = json.loads(clusterctl("submit", "sft", "--stages", "sft", "--cluster", local_cluster, "--job", job,
-                                "--detach", "--json").stdout)
+    run = submit_training(clusterctl, local_cluster, tmp_path, "max_steps: 120, save_steps: 3, save_total_limit: 1",
+                          "--stages", "sft")
     checkpoints = Path(run["dir"]) / "sft" / "checkpoints"
     deadline = time.time() + 600
     while not list(checkpoints.glob("*/clusterctl-complete.json")):

@@ -65,7 +65,8 @@ def print_check(check: Check, *, err: bool = False) -> None:
     if check.reasoning:
         click.echo(f"      reasoning: {check.reasoning}", err=err)
     if check.ok and check.name.startswith("POST"):
-        click.echo(f"      answer: {check.answer!r}", err=err)
+        note = "" if check.answer else "  (the reply was only whitespace)"
+        click.echo(f"      answer: {check.answer!r}{note}", err=err)
     click.echo(f"      {check.curl}", err=err)
 
 

@@ -45,5 +45,18 @@ def main(checkpoint, out, dtype, verify, workers, force, max_shard_size, nodes, 
         sys.exit(2)
 
 
+def run_and_exit_fast() -> None:
+    """Run the command; on success leave without the interpreter's teardown of torch (about half a second,
+    a fifth of a small conversion): by then every file is written, fsynced and renamed."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    main()
+    run_and_exit_fast()

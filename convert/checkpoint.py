@@ -211,25 +211,28 @@ class ZeroCheckpoint:
         tensor = self.buffers[name] if name in self.buffers else self.params[name].flats[0].parts[0]
         return str(tensor.dtype).removeprefix("torch.")
 
-    def read(self, name: str, start: int = 0, count: int | None = None):
-        """Elements [start, start+count) of the flattened tensor in its stored dtype: a read-only view of the
-        mapped file when one rank holds them all (no copy), else a new tensor.  Callers must not write to it."""
-        import torch
-
+    def segments(self, name: str, start: int = 0, count: int | None = None) -> list:
+        """Elements [start, start+count) of the flattened tensor in its stored dtype, as consecutive read-only
+        views of the mapped files (one per rank the range crosses): nothing is copied.  Callers must not
+        write to them."""
         name = self.shared.get(name, name)
         if name in self.buffers:
             flat = self.buffers[name].reshape(-1)
-            count = flat.numel() - start if count is None else count
-            return flat.narrow(0, start, count).clone()
+            return [flat.narrow(0, start, flat.numel() - start if count is None else count)]
         p = self.params[name]
         count = p.numel - start if count is None else count
         if p.per_rank == 0:
-            pieces = p.flats[0].read(p.offset + start, count)
-        else:
-            pieces, end = [], start + count
-            while start < end:
-                rank, within = divmod(start, p.per_rank)
-                take = min(end - start, p.per_rank - within)
-                pieces += p.flats[rank].read(p.offset + within, take)
-                start += take
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            return p.flats[0].read(p.offset + start, count)
+        pieces, end = [], start + count
+        while start < end:
+            rank, within = divmod(start, p.per_rank)
+            take = min(end - start, p.per_rank - within)
+            pieces += p.flats[rank].read(p.offset + within, take)
+            start += take
+        return pieces
+
+    def read(self, name: str, start: int = 0, count: int | None = None):
+        """The same elements as one new tensor (the simple path: verification compares against it)."""
+        import torch
+
+        return torch.cat(self.segments(name, start, count))

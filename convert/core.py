@@ -13,12 +13,13 @@ from clusterctl.errors import UserError
 
 from . import nodes as nodes_
 from .checkpoint import MARKER, ZeroCheckpoint, resolve
-from .layout import DTYPES, Piece, meta_model, plan
+from .layout import DTYPES, LAYOUT_FILE, Piece, load_layout, plan
 from .sfio import ShardWriter
 from .staging import Staging, atomic_write, write_json
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+NOT_COPIED = ("config.json", LAYOUT_FILE)
 _SLACK = 64 << 20     # config, tokenizer, index
 
 
@@ -40,11 +41,25 @@ def shards_of(pieces: list[Piece], max_bytes: int) -> list[tuple[str, list[Piece
 
 
 def extract(ck: ZeroCheckpoint, p: Piece):
-    """One output tensor: its source slice read from the mapped rank files, laid out and cast."""
+    """One output tensor, cast as it is gathered: each rank's slice is copied once, straight from the mapped
+    file into the output buffer (a piece that is not one contiguous run of its source takes the simple path)."""
     import torch
 
-    flat = ck.read(p.source, p.offset, p.span)
-    return flat.as_strided(p.shape, p.stride).to(getattr(torch, p.dtype))
+    if not p.contiguous:
+        return reference_extract(ck, p)
+    out = torch.empty(p.numel, dtype=getattr(torch, p.dtype))
+    at = 0
+    for segment in ck.segments(p.source, p.offset, p.numel):
+        out[at:at + segment.numel()].copy_(segment)
+        at += segment.numel()
+    return out.view(p.shape)
+
+
+def reference_extract(ck: ZeroCheckpoint, p: Piece):
+    """The same tensor by the obvious route (gather, take the view, cast): what verification compares with."""
+    import torch
+
+    return ck.read(p.source, p.offset, p.span).as_strided(p.shape, p.stride).to(getattr(torch, p.dtype))
 
 
 def write_shard(ck: ZeroCheckpoint, path: str, pieces: list[Piece]) -> dict:
@@ -97,11 +112,11 @@ def output_config(hf_dir: str, dtype: str) -> dict:
 
 
 def copy_side_files(hf_dir: str, staging: Staging) -> list[str]:
-    """generation_config, tokenizer and code files: everything in hf/ but config.json and weights."""
+    """generation_config, tokenizer and code files: everything in hf/ but config.json, weights and our map."""
     copied = []
     for name in sorted(os.listdir(hf_dir)):
         src = os.path.join(hf_dir, name)
-        if name == "config.json" or name.endswith(WEIGHT_SUFFIXES) or not os.path.isfile(src):
+        if name in NOT_COPIED or name.endswith(WEIGHT_SUFFIXES) or not os.path.isfile(src):
             continue
         with open(src, "rb") as f:
             atomic_write(staging.path(name), f.read())
@@ -131,7 +146,7 @@ def open_and_plan(tag_dir: str, hf_dir: str, dtype: str) -> tuple[ZeroCheckpoint
     ck = ZeroCheckpoint(tag_dir)
     log(f"checkpoint {tag_dir}: ZeRO-{ck.stage}, {ck.world} ranks, {len(ck.params)} parameters")
     names = list(ck.params) + list(ck.buffers) + list(ck.shared)
-    pieces = plan(meta_model(hf_dir), {n: ck.shape(n) for n in names}, {n: ck.dtype(n) for n in names},
+    pieces = plan(load_layout(hf_dir, log), {n: ck.shape(n) for n in names}, {n: ck.dtype(n) for n in names},
                   dtype, aliases=set(ck.shared))
     return ck, pieces
 

@@ -6,10 +6,17 @@ per expert.  Rather than hard-coding that mapping per architecture, transformers
 run on meta tensors whose `contiguous()` is a no-op, so every output comes back as a strided view of its
 source: its storage offset and strides say exactly which elements to read.  Outputs that are not views of a
 single source (a conversion that copies or merges) are refused rather than guessed.
+
+That map depends only on config.json and the transformers release, and computing it costs more than
+converting a small model (importing transformers, building the model on meta), so the SFT stage saves it
+beside config.json and a conversion reads it back when both still match.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
 
 from clusterctl.errors import UserError
@@ -38,10 +45,31 @@ class Piece:
         return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if self.numel else 0
 
     @property
+    def contiguous(self) -> bool:
+        """Whether the piece is one run of `numel` source elements in row-major order."""
+        expected = 1
+        for n, s in zip(reversed(self.shape), reversed(self.stride)):
+            if n != 1 and s != expected:
+                return False
+            expected *= n
+        return True
+
+    @property
     def nbytes(self) -> int:
         import torch
 
         return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+LAYOUT_FILE = "clusterctl-layout.json"
+
+
+def _config_key(hf_dir: str) -> dict:
+    """What the architecture map depends on: the exact config.json and the transformers release."""
+    from importlib.metadata import version
+
+    with open(os.path.join(hf_dir, "config.json"), "rb") as f:
+        return {"config_sha256": hashlib.sha256(f.read()).hexdigest(), "transformers": version("transformers")}
 
 
 def meta_model(hf_dir: str):
@@ -58,38 +86,77 @@ def meta_model(hf_dir: str):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _fp32_patterns(model, dtype: str) -> list[str]:
-    """Modules transformers keeps in fp32 when loading in `dtype` (the non-strict list only for fp16)."""
-    strict = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    return strict + list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == "fp16" else strict
-
-
-def plan(model, shapes: dict[str, tuple], stored_dtypes: dict[str, str], dtype: str,
-         aliases: set[str] = frozenset()) -> list[Piece]:
-    """Output pieces in checkpoint order.  `shapes`/`stored_dtypes`: the checkpoint's tensors by name;
-    `aliases`: names the checkpoint shares with another (tied weights), written once."""
+def architecture_map(model) -> dict:
+    """What `plan` needs from transformers, as plain data: the tensors the model expects (tied copies left
+    out), each one's output views, and the modules kept in fp32.  Computed on meta tensors."""
     import torch
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     wanted = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    _check_names(wanted, shapes, set(aliases))
-    keep_fp32 = _fp32_patterns(model, dtype) if dtype != "fp32" else []
 
     class Probe(torch.Tensor):
         def contiguous(self, *args, **kwargs):  # keep views as views so offsets survive the conversion
             return self
 
-    pieces = []
-    for source in (n for n in shapes if n in wanted):
-        probe = torch.empty(shapes[source], device="meta").as_subclass(Probe)
+    views = {}
+    for source, tensor in wanted.items():
+        probe = torch.empty(tensor.shape, device="meta").as_subclass(Probe)
+        views[source] = []
         for name, view in revert_weight_conversion(model, {source: probe}).items():
             if view.untyped_storage()._cdata != probe.untyped_storage()._cdata:
                 raise UserError(f"the conversion of {source} -> {name} for {type(model).__name__} copies or "
                                 "merges tensors, which the streaming converter does not support",
                                 fix="report the architecture; DeepSpeed's zero_to_fp32 + save_pretrained works")
-            pieces.append(Piece(name, source, view.storage_offset(), tuple(view.shape), tuple(view.stride()),
-                                _out_dtype(name, source, stored_dtypes[source], dtype, keep_fp32)))
+            views[source].append([name, view.storage_offset(), list(view.shape), list(view.stride())])
+    return {"shapes": {name: list(t.shape) for name, t in wanted.items()}, "views": views,
+            "keep_fp32_strict": list(getattr(model, "_keep_in_fp32_modules_strict", None) or []),
+            "keep_fp32": list(getattr(model, "_keep_in_fp32_modules", None) or [])}
+
+
+def write_layout(hf_dir: str, model=None) -> None:
+    """Save the architecture map beside config.json (the SFT stage does, with transformers already loaded),
+    so a conversion reads it instead of importing transformers and building the model."""
+    from .staging import write_json
+
+    write_json(os.path.join(hf_dir, LAYOUT_FILE),
+               {**_config_key(hf_dir), **architecture_map(model or meta_model(hf_dir))})
+
+
+def load_layout(hf_dir: str, log=None) -> dict:
+    """The saved architecture map when it was made from this exact config by this transformers release;
+    otherwise computed now (a few seconds: transformers is imported and the model built on meta)."""
+    path = os.path.join(hf_dir, LAYOUT_FILE)
+    key = _config_key(hf_dir)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if all(saved.get(k) == v for k, v in key.items()):
+            return saved
+    except (OSError, ValueError):
+        pass
+    if log:
+        log(f"no {LAYOUT_FILE} made from this config.json: building the model on meta to map names")
+    return architecture_map(meta_model(hf_dir))
+
+
+def _fp32_patterns(layout: dict, dtype: str) -> list[str]:
+    """Modules transformers keeps in fp32 when loading in `dtype` (the non-strict list only for fp16)."""
+    if dtype == "fp32":
+        return []
+    return layout["keep_fp32_strict"] + (layout["keep_fp32"] if dtype == "fp16" else [])
+
+
+def plan(layout: dict, shapes: dict[str, tuple], stored_dtypes: dict[str, str], dtype: str,
+         aliases: set[str] = frozenset()) -> list[Piece]:
+    """Output pieces in checkpoint order.  `shapes`/`stored_dtypes`: the checkpoint's tensors by name;
+    `aliases`: names the checkpoint shares with another (tied weights), written once."""
+    _check_names(layout["shapes"], shapes, set(aliases))
+    keep_fp32 = _fp32_patterns(layout, dtype)
+    pieces = [Piece(name, source, offset, tuple(shape), tuple(stride),
+                    _out_dtype(name, source, stored_dtypes[source], dtype, keep_fp32))
+              for source in shapes if source in layout["views"]
+              for name, offset, shape, stride in layout["views"][source]]
     _check_unique(pieces)
     return pieces
 
@@ -102,14 +169,14 @@ def _out_dtype(name: str, source: str, stored: str, dtype: str, keep_fp32: list[
     return DTYPES[dtype]
 
 
-def _check_names(wanted: dict, shapes: dict[str, tuple], aliases: set[str]) -> None:
+def _check_names(wanted: dict[str, list], shapes: dict[str, tuple], aliases: set[str]) -> None:
     def listed(names):
         return ", ".join(names[:5]) + (f" ... ({len(names)} in all)" if len(names) > 5 else "")
 
     missing = sorted(n for n in wanted if n not in shapes)
     unexpected = sorted(n for n in shapes if n not in wanted and n not in aliases)
-    wrong = sorted(f"{n} {tuple(shapes[n])} != {tuple(wanted[n].shape)}" for n in wanted
-                   if n in shapes and tuple(shapes[n]) != tuple(wanted[n].shape))
+    wrong = sorted(f"{n} {tuple(shapes[n])} != {tuple(wanted[n])}" for n in wanted
+                   if n in shapes and tuple(shapes[n]) != tuple(wanted[n]))
     problems = [f"{what}: {listed(names)}" for what, names in
                 (("missing from the checkpoint", missing), ("not in the model", unexpected),
                  ("shape mismatch", wrong)) if names]

@@ -39,56 +39,78 @@ def read_header(path: str) -> dict:
     return header
 
 
+class _Drain:
+    """A thread feeding queued buffers to one consumer (a file's write, a hash's update: both release the
+    GIL); its first error is kept for the caller's thread and later buffers are dropped."""
+
+    def __init__(self, consume, depth: int):
+        self.consume = consume
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.consume(data)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self.error = exc
+
+    def put(self, data) -> None:
+        self.queue.put(data)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+
 class ShardWriter:
     """Write one shard: `add(tensor)` in the order given to the constructor, then `close()`.
 
-    Hashing and writing run on a background thread (both release the GIL) while the caller reads and
-    casts the next tensor; at most `depth` tensors wait in between, which bounds memory."""
+    Writing and hashing each run on a thread of their own while the caller reads and casts the next tensor;
+    at most `depth` tensors wait in each queue, which bounds memory."""
 
     def __init__(self, path: str, entries: list[tuple[str, str, tuple, int]], depth: int = 2):
         self.path, self.entries, self.next = path, entries, 0
         self.tmp = path + ".tmp"
         self.file = open(self.tmp, "wb")
         self.hash = hashlib.sha256()
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._drain, daemon=True)
-        self.thread.start()
-        self.queue.put(header_bytes(entries))
+        self.drains = [_Drain(self.file.write, depth), _Drain(self.hash.update, depth)]
+        self._put(header_bytes(entries))
 
-    def _drain(self) -> None:
-        while (data := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.file.write(data)
-                    self.hash.update(data)
-                except BaseException as exc:  # re-raised in the caller's thread
-                    self.error = exc
+    def _put(self, data) -> None:
+        for drain in self.drains:
+            drain.put(data)
+
+    def _raise_first_error(self) -> None:
+        for drain in self.drains:
+            if drain.error is not None:
+                raise drain.error
 
     def add(self, tensor) -> None:
         import torch
 
-        if self.error is not None:
-            raise self.error
+        self._raise_first_error()
         name, dtype, shape, nbytes = self.entries[self.next]
         if str(tensor.dtype).removeprefix("torch.") != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes != nbytes:
             raise ValueError(f"{name}: {data.nbytes} bytes, header says {nbytes}")
-        self.queue.put(memoryview(data))
+        self._put(memoryview(data))
         self.next += 1
 
     def _stop(self) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
+        for drain in self.drains:
+            drain.stop()
 
     def close(self) -> dict:
         """Finish the file (fsync + rename) and return its record: size and sha256."""
         self._stop()
-        if self.error is not None:
-            raise self.error
+        self._raise_first_error()
         if self.next != len(self.entries):
             raise ValueError(f"{self.path}: {len(self.entries) - self.next} tensors were never written")
         self.file.flush()
@@ -99,7 +121,8 @@ class ShardWriter:
         return {"size": size, "sha256": self.hash.hexdigest()}
 
     def abort(self) -> None:
-        self.error = self.error or RuntimeError("aborted")
+        for drain in self.drains:
+            drain.error = drain.error or RuntimeError("aborted")
         self._stop()
         self.file.close()
         if os.path.exists(self.tmp):

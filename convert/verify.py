@@ -52,7 +52,7 @@ def check_bytes(folder: str, ck, pieces, weight_map: dict[str, str]) -> None:
     import torch
     from safetensors import safe_open
 
-    from .core import extract
+    from .core import reference_extract
 
     by_shard = {}
     for p in pieces:
@@ -60,7 +60,7 @@ def check_bytes(folder: str, ck, pieces, weight_map: dict[str, str]) -> None:
     for shard, ps in by_shard.items():
         with safe_open(os.path.join(folder, shard), framework="pt") as f:
             for p in ps:
-                if not torch.equal(f.get_tensor(p.name), extract(ck, p)):
+                if not torch.equal(f.get_tensor(p.name), reference_extract(ck, p)):
                     raise _fail(folder, f"{p.name} in {shard} differs from {p.source} in the checkpoint")
 
 

@@ -78,6 +78,18 @@ def resolve_model(cfg: TrainConfig, rank: int) -> Path:
     return base
 
 
+def save_layout(hf_dir: Path) -> None:
+    """The converter's name map, made now while transformers is loaded, so `clusterctl convert` need not
+    import it.  An architecture the streaming converter cannot map only loses the shortcut: convert then
+    explains what is wrong."""
+    from clusterctl.convert.layout import write_layout
+
+    try:
+        write_layout(str(hf_dir))
+    except UserError as exc:
+        print(f"[sft] note: no conversion map saved: {exc}", file=sys.stderr, flush=True)
+
+
 def runtime_ds_config(cfg: TrainConfig, on_gpu: bool) -> dict:
     """cfg.ds_config() with what only the node knows: pinned host memory needs a GPU."""
     ds = cfg.ds_config()
@@ -122,9 +134,9 @@ class Trainer:
             (self.output_dir / PREEMPTED_FILE).unlink(missing_ok=True)
         self.base = resolve_model(cfg, self.rank)
         self._load_data()
+        if self.rank == 0:    # before the engine: under ZeRO-3 even a meta model would be built in zero.Init
+            save_layout(ckpt.write_hf_metadata(self.base, self.output_dir))
         self._build_engine(runtime_ds_config(cfg, on_gpu))
-        if self.rank == 0:
-            ckpt.write_hf_metadata(self.base, self.output_dir)
 
     def _load_data(self) -> None:
         from transformers import AutoTokenizer

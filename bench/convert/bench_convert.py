@@ -2,7 +2,8 @@
 
 Real ZeRO-3 checkpoints are written by DeepSpeed on 2 CPU ranks (one training step) for DeepSeek-V3-
 architecture models of ~100M parameters and, with --large, ~400M (training that one needs ~13 GiB).
-Every tool runs as its own process with a warm page cache; wall time, throughput (fp32 weight bytes per
+Every tool runs as its own process on a warm page cache (the converter and cp also on an emptied one, as
+a 7.4 TB checkpoint is always read: root only); wall time, throughput (fp32 weight bytes per
 second: what every converter must read) and peak memory (max RSS and peak anonymous memory, sampled
 over the process tree) are printed with ratios.  The FP8 -> BF16 cast is compared with the official
 per-block dequantisation (same bits, time, memory).
@@ -76,12 +77,32 @@ def warm(folder: str) -> None:
                     pass
 
 
+def without_name_map(ck: str) -> str:
+    """The same checkpoint as another tool would leave it: its tag linked, hf/ without the name map the SFT
+    stage saves (so the converter imports transformers and builds the model on meta to map names)."""
+    from clusterctl.convert.layout import LAYOUT_FILE
+
+    foreign = os.path.join(os.path.dirname(ck), "foreign")
+    shutil.rmtree(foreign, ignore_errors=True)
+    os.makedirs(foreign)
+    tag = _tag(ck)
+    os.symlink(tag, os.path.join(foreign, os.path.basename(tag)))
+    shutil.copytree(os.path.join(ck, "hf"), os.path.join(foreign, "hf"), ignore=shutil.ignore_patterns(LAYOUT_FILE))
+    return foreign
+
+
+def _tag(ck: str) -> str:
+    return glob.glob(os.path.join(ck, "*", "clusterctl-complete.json"))[0].rsplit("/", 1)[0]
+
+
 def tools(ck: str, out: str) -> list[tuple[str, list[str], bool]]:
     """(label, command, writes the standard per-expert names vLLM loads)."""
-    tag = glob.glob(os.path.join(ck, "*", "clusterctl-complete.json"))[0].rsplit("/", 1)[0]
+    tag = _tag(ck)
     ours = [PY, "-m", "clusterctl.convert", "--checkpoint", ck, "--out", out, "--no-verify"]
     return [
         ("(a) clusterctl convert, bf16", ours, True),
+        ("(a) clusterctl convert, bf16, no saved name map",
+         [PY, "-m", "clusterctl.convert", "--checkpoint", without_name_map(ck), "--out", out, "--no-verify"], True),
         ("(a) clusterctl convert, fp32", ours + ["--dtype", "fp32"], True),
         ("(a) clusterctl convert, bf16, 2 workers", ours + ["--workers", "2", "--max-shard-size", "100MB"], True),
         ("(a) clusterctl convert, bf16 + --verify", ours[:-1] + ["--verify"], True),
@@ -90,6 +111,7 @@ def tools(ck: str, out: str) -> list[tuple[str, list[str], bool]]:
         ("(c) zero_to_fp32.py --safe_serialization", [PY, os.path.join(ck, "zero_to_fp32.py"), ck, out,
                                                       "--safe_serialization"], False),
         ("(d) cp -r of the checkpoint tag", ["cp", "-r", tag, out], False),
+        ("(d) cp -r + fsync of the copies", ["sh", "-c", 'cp -r "$1" "$2" && sync "$2"/*', "sh", tag, out], False),
     ]
 
 
@@ -126,13 +148,33 @@ def same_tensors(a: str, b: str) -> bool:
     return True
 
 
-def best_of(cmd: list[str], src: str, repeat: int, out: str):
-    """The fastest of `repeat` warm-cache runs (the machine is shared: the minimum is the tool's own
-    cost); memory is the largest peak seen over all of them."""
+COLD = ("(a) clusterctl convert, bf16", "(d) cp -r of the checkpoint tag", "(d) cp -r + fsync of the copies")
+COLD_SUFFIX = ", cold cache"
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches() -> None:
+    """Empty the page cache (root only): the checkpoint, and each tool's own code, come from the disk, as
+    they do for a 7.4 TB checkpoint that no page cache holds."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def best_of(cmd: list[str], src: str, repeat: int, out: str, cold: bool = False):
+    """The fastest of `repeat` runs, each on a warm (or, with `cold`, an empty) page cache (the machine is
+    shared: the minimum is the tool's own cost); memory is the largest peak seen over all of them."""
     runs = []
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
-        warm(src)
+        if cold:
+            drop_caches()
+        else:
+            warm(src)
+            os.sync()           # no dirty pages left by the previous tool to slow this one's writes
         runs.append(measure(cmd, env=ENV))
         if runs[-1].returncode:
             return runs[-1]
@@ -144,11 +186,14 @@ def best_of(cmd: list[str], src: str, repeat: int, out: str):
 def bench_size(work: str, size: str, rows: list, repeat: int) -> dict:
     ck = checkpoint(work, size)
     weights = fp32_weight_bytes(ck)
-    ck_bytes = tree_bytes(glob.glob(os.path.join(ck, "*", "clusterctl-complete.json"))[0].rsplit("/", 1)[0])
+    ck_bytes = tree_bytes(_tag(ck))
     results = {}
-    for label, cmd, servable in tools(ck, os.path.join(work, "out")):
+    runs = [(label, cmd, servable, False) for label, cmd, servable in tools(ck, os.path.join(work, "out"))]
+    if can_drop_caches():
+        runs += [(label + COLD_SUFFIX, cmd, servable, True) for label, cmd, servable, _ in runs if label in COLD]
+    for label, cmd, servable, cold in runs:
         shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
-        m = best_of(cmd, ck, repeat, os.path.join(work, "out"))
+        m = best_of(cmd, ck, repeat, os.path.join(work, "out"), cold)
         if m.returncode:
             sys.exit(f"{label} failed:\n{m.output[-3000:]}")
         moved = ck_bytes if label.startswith("(d)") else weights
@@ -214,31 +259,51 @@ def main() -> None:
 
 
 def report(rows: list, sizes: dict) -> None:
-    head = f"{'model':6} {'tool':44} {'wall s':>7} {'GB/s':>6} {'maxRSS GiB':>10} {'anon GiB':>9} {'out GB':>7} servable"
-    print("\nwarm page cache; wall = fastest run; memory = largest peak over all runs; clusterctl fsyncs its "
-          "output, cp does not")
+    head = f"{'model':6} {'tool':50} {'wall s':>7} {'GB/s':>6} {'maxRSS GiB':>10} {'anon GiB':>9} {'out GB':>7} servable"
+    print("\nwarm page cache (cold: emptied before each run), no dirty pages at start; wall = fastest run; memory = "
+          "largest peak over all runs; clusterctl fsyncs its output, (b), (c) and plain cp do not")
     print("\n" + head + "\n" + "-" * len(head))
     for size, label, wall, gbs, rss, anon, out, servable in rows:
-        print(f"{size:6} {label:44} {wall:7.2f} {gbs:6.2f} {rss:10.2f} {anon:9.2f} {out:7.3f} {servable}")
+        print(f"{size:6} {label:50} {wall:7.2f} {gbs:6.2f} {rss:10.2f} {anon:9.2f} {out:7.3f} {servable}")
     print()
+    ours_label, cold_label = "(a) clusterctl convert, bf16", "(a) clusterctl convert, bf16, no saved name map"
+    cp_labels = ("(d) cp -r of the checkpoint tag", "(d) cp -r + fsync of the copies")
     for size, s in sizes.items():
         m = s["m"]
-        ours, b, c, d = (m["(a) clusterctl convert, bf16"], m["(b) zero_to_fp32 + save_pretrained"],
-                         m["(c) zero_to_fp32.py --safe_serialization"], m["(d) cp -r of the checkpoint tag"])
+        b, c = m["(b) zero_to_fp32 + save_pretrained"], m["(c) zero_to_fp32.py --safe_serialization"]
+        cp_rates = [s["ck_bytes"] / m[label].wall_s for label in cp_labels]
         print(f"{size} ({s['params'] / 1e6:.0f}M params, {s['weights'] / 1e9:.2f} GB fp32 weights, checkpoint "
-              f"{s['ck_bytes'] / 1e9:.2f} GB): wall vs (c) {ours.wall_s / c.wall_s:.2f}x, vs (b) "
-              f"{ours.wall_s / b.wall_s:.2f}x; throughput vs cp {(s['weights'] / ours.wall_s) / (s['ck_bytes'] / d.wall_s):.2f}; "
-              f"peak anon {ours.peak_anon / GiB:.2f} GiB vs (b) {b.peak_anon / GiB:.2f} GiB, (c) {c.peak_anon / GiB:.2f} GiB")
-        written = re.search(r"wrote \d+ shards, [\d.]+ GB in ([\d.]+) s", ours.output)
+              f"{s['ck_bytes'] / 1e9:.2f} GB): peak anon {m[ours_label].peak_anon / GiB:.2f} GiB vs (b) "
+              f"{b.peak_anon / GiB:.2f} GiB, (c) {c.peak_anon / GiB:.2f} GiB")
+        for label in (ours_label, cold_label):
+            rate = s["weights"] / m[label].wall_s
+            print(f"  {label}: wall vs (c) {m[label].wall_s / c.wall_s:.2f}x, vs (b) {m[label].wall_s / b.wall_s:.2f}x;"
+                  f" throughput vs cp {rate / cp_rates[0]:.2f}, vs cp + fsync {rate / cp_rates[1]:.2f}")
+        if ours_label + COLD_SUFFIX in m:
+            rate = s["weights"] / m[ours_label + COLD_SUFFIX].wall_s
+            cold_cp = [s["ck_bytes"] / m[label + COLD_SUFFIX].wall_s for label in cp_labels]
+            print(f"  {ours_label}{COLD_SUFFIX}: throughput vs cp{COLD_SUFFIX} {rate / cold_cp[0]:.2f}, "
+                  f"vs cp + fsync{COLD_SUFFIX} {rate / cold_cp[1]:.2f}")
+        written = re.search(r"wrote \d+ shards, [\d.]+ GB in ([\d.]+) s", m[ours_label].output)
         if written and float(written.group(1)) > 0:
             rate = s["weights"] / float(written.group(1))
-            print(f"{size}: clusterctl's shard writing alone (after imports and planning): {rate / 1e9:.2f} GB/s of "
-                  f"fp32 weights, {rate / (s['ck_bytes'] / d.wall_s):.2f} of cp's rate")
+            print(f"  shard writing alone (after imports and planning): {rate / 1e9:.2f} GB/s of fp32 weights, "
+                  f"{rate / cp_rates[0]:.2f} of cp's rate")
     if len(sizes) == 2:
         (_, small), (_, large) = sizes.items()
-        for label in ("(a) clusterctl convert, bf16", "(b) zero_to_fp32 + save_pretrained"):
+        for label in (ours_label, "(b) zero_to_fp32 + save_pretrained"):
             print(f"peak anon growth 100M -> 400M, {label}: "
                   f"{large['m'][label].peak_anon / small['m'][label].peak_anon:.2f}x")
+        ours = growth_rate(small, large, ours_label, "weights")
+        print(f"throughput as the model grows (100M -> 400M, start-up cancelled): clusterctl {ours / 1e9:.2f} GB/s of "
+              f"fp32 weights; vs cp {ours / growth_rate(small, large, cp_labels[0], 'ck_bytes'):.2f}, "
+              f"vs cp + fsync {ours / growth_rate(small, large, cp_labels[1], 'ck_bytes'):.2f}")
+
+
+def growth_rate(small: dict, large: dict, label: str, moved: str) -> float:
+    """Extra bytes per extra second from the small model to the large one: the rate a 7.4 TB checkpoint
+    sees, with each tool's fixed start-up cancelled out."""
+    return (large[moved] - small[moved]) / (large["m"][label].wall_s - small["m"][label].wall_s)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def train_and_save(base: str, out: str, stage: int, dtype: str, steps: int, tag:
                               "reduce_bucket_size": 1e6, "stage3_prefetch_bucket_size": 1e6},
         "bf16": {"enabled": dtype == "bf16"},
     }
-    keep = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # noqa: F841  (must stay alive during from_pretrained)
+    keep = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # must stay alive during from_pretrained
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    del keep                                  # else write_layout's meta model would be built inside zero.Init
     if freeze:                                # frozen parameters are saved apart from the optimizer's
         model.get_input_embeddings().weight.requires_grad_(False)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)  # no fused_adam build
@@ -94,6 +95,9 @@ def train_and_save(base: str, out: str, stage: int, dtype: str, steps: int, tag:
         for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
             if os.path.exists(os.path.join(base, name)):
                 shutil.copy(os.path.join(base, name), hf)
+        from clusterctl.convert.layout import write_layout
+
+        write_layout(hf)
         with open(os.path.join(out, tag, MARKER), "w") as f:
             json.dump({"tag": tag, "step": steps}, f)
     dist.barrier()

@@ -199,3 +199,47 @@ def test_two_nodes_share_the_shards(zero3_ckpt, tmp_path):
     assert "node 1: 5 shards done" in logs[0] and "verify: logits match" in logs[1]
     multi = json.loads(open(os.path.join(out, MARKER)).read())
     assert multi["files"] == single["files"] and len(single["files"]) == 10
+
+
+def test_saved_name_map_spares_transformers_and_a_stale_one_is_ignored(ckpt_copy, tmp_path):
+    """The SFT stage saves the name map beside config.json; convert then never imports transformers, and
+    writes the same bytes as when it builds the map itself (also after config.json changed under the map)."""
+    from clusterctl.convert.layout import LAYOUT_FILE
+
+    hf = os.path.join(ckpt_copy, "hf")
+    assert os.path.exists(os.path.join(hf, LAYOUT_FILE))     # written by make_checkpoint, as by the SFT stage
+    script = ("import sys; from clusterctl.convert.core import convert; "
+              "m = convert(sys.argv[1], sys.argv[2], verify=False); "
+              "print('transformers imported:', 'transformers' in sys.modules); print(sorted(m['files'].values()))")
+
+    def run(out):
+        r = subprocess.run([sys.executable, "-c", script, ckpt_copy, str(tmp_path / out)], capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    saved = run("saved")
+    assert "transformers imported: False" in saved.stdout and "building the model on meta" not in saved.stderr
+    cfg_path = os.path.join(hf, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["note"] = "edited after training"
+    json.dump(cfg, open(cfg_path, "w"))
+    rebuilt = run("rebuilt")
+    assert "transformers imported: True" in rebuilt.stdout and "building the model on meta" in rebuilt.stderr
+    assert saved.stdout.splitlines()[1] == rebuilt.stdout.splitlines()[1]    # same shard hashes
+
+
+def test_strided_pieces_take_the_simple_path(zero3_ckpt):
+    """A piece that is not one contiguous run (a transposing conversion) equals the obvious gather + view."""
+    from clusterctl.convert.checkpoint import ZeroCheckpoint
+    from clusterctl.convert.layout import Piece
+
+    ck = ZeroCheckpoint(os.path.join(zero3_ckpt, "global_step2"))
+    name = "model.layers.1.mlp.experts.down_proj"
+    rows, cols = ck.shape(name)[-2:]
+    transposed = Piece("t", name, rows * cols, (cols, rows), (1, cols), "bfloat16")
+    straight = Piece("s", name, rows * cols, (rows, cols), (cols, 1), "bfloat16")
+    assert not transposed.contiguous and straight.contiguous
+    for p in (transposed, straight):
+        assert torch.equal(core.extract(ck, p), core.reference_extract(ck, p))
+    assert torch.equal(core.extract(ck, transposed), core.extract(ck, straight).t())

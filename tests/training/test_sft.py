@@ -43,6 +43,9 @@ def test_two_rank_zero3_builtin_model_trains_and_checkpoints(tmp_path):
     assert len(list((checkpoints / "step-8").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     hf_config = json.loads((checkpoints / "hf" / "config.json").read_text())
     assert hf_config["topk_method"] == "noaux_tc" and (checkpoints / "hf" / "tokenizer.json").is_file()
+    name_map = json.loads((checkpoints / "hf" / "clusterctl-layout.json").read_text())  # convert reads it
+    first_view = name_map["views"]["model.layers.1.mlp.experts.gate_up_proj"][0]
+    assert first_view[0] == "model.layers.1.mlp.experts.0.gate_proj.weight" and first_view[1] == 0
     assert (tmp_path / "sft" / "base-model" / ckpt.MARKER).is_file()      # the built-in model, built by rank 0
     assert list((tmp_path / "sft" / "tensorboard").glob("events.out.tfevents.*"))
     again = run_sft(config)                                             # already done: nothing retrained

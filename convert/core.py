@@ -189,7 +189,7 @@ def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True,
 
     run_shards(ck, todo, workers, done)
     written = sum(p.nbytes for _, ps in todo for p in ps)
-    log(f"wrote {len(todo)} shards, {written / 1e9:.3f} GB in {time.time() - t0:.1f} s")
+    log(f"wrote {len(todo)} shards, {written / 1e9:.3f} GB in {time.time() - t0:.2f} s")
     if node_rank != 0:
         nodes_.report_done(staging, me, records)
         log(f"node {node_rank}: {len(mine)} shards done; node 0 finishes the folder")

@@ -65,11 +65,13 @@ LAYOUT_FILE = "clusterctl-layout.json"
 
 
 def _config_key(hf_dir: str) -> dict:
-    """What the architecture map depends on: the exact config.json and the transformers release."""
+    """What the architecture map depends on: the exact config.json and the transformers release (and the
+    file's own format)."""
     from importlib.metadata import version
 
     with open(os.path.join(hf_dir, "config.json"), "rb") as f:
-        return {"config_sha256": hashlib.sha256(f.read()).hexdigest(), "transformers": version("transformers")}
+        return {"format": 1, "config_sha256": hashlib.sha256(f.read()).hexdigest(),
+                "transformers": version("transformers")}
 
 
 def meta_model(hf_dir: str):
@@ -114,13 +116,12 @@ def architecture_map(model) -> dict:
             "keep_fp32": list(getattr(model, "_keep_in_fp32_modules", None) or [])}
 
 
-def write_layout(hf_dir: str, model=None) -> None:
+def write_layout(hf_dir: str) -> None:
     """Save the architecture map beside config.json (the SFT stage does, with transformers already loaded),
     so a conversion reads it instead of importing transformers and building the model."""
     from .staging import write_json
 
-    write_json(os.path.join(hf_dir, LAYOUT_FILE),
-               {**_config_key(hf_dir), **architecture_map(model or meta_model(hf_dir))})
+    write_json(os.path.join(hf_dir, LAYOUT_FILE), {**_config_key(hf_dir), **architecture_map(meta_model(hf_dir))})
 
 
 def load_layout(hf_dir: str, log=None) -> dict:

@@ -95,24 +95,30 @@ def _tag(ck: str) -> str:
     return glob.glob(os.path.join(ck, "*", "clusterctl-complete.json"))[0].rsplit("/", 1)[0]
 
 
-def tools(ck: str, out: str) -> list[tuple[str, list[str], bool]]:
-    """(label, command, writes the standard per-expert names vLLM loads)."""
+def tools(ck: str, work: str) -> list[tuple[str, list[str], bool, str]]:
+    """(label, command, writes the standard per-expert names vLLM loads, output folder)."""
     tag = _tag(ck)
-    ours = [PY, "-m", "clusterctl.convert", "--checkpoint", ck, "--out", out, "--no-verify"]
-    return [
-        ("(a) clusterctl convert, bf16", ours, True),
-        ("(a) clusterctl convert, bf16, no saved name map",
-         [PY, "-m", "clusterctl.convert", "--checkpoint", without_name_map(ck), "--out", out, "--no-verify"], True),
-        ("(a) clusterctl convert, fp32", ours + ["--dtype", "fp32"], True),
-        ("(a) clusterctl convert, bf16, 2 workers", ours + ["--workers", "2", "--max-shard-size", "100MB"], True),
-        ("(a) clusterctl convert, bf16 + --verify", ours[:-1] + ["--verify"], True),
-        ("(b) zero_to_fp32 + save_pretrained", [PY, os.path.join(HERE, "reference_tools.py"), "save-pretrained",
-                                                ck, out], True),
-        ("(c) zero_to_fp32.py --safe_serialization", [PY, os.path.join(ck, "zero_to_fp32.py"), ck, out,
-                                                      "--safe_serialization"], False),
-        ("(d) cp -r of the checkpoint tag", ["cp", "-r", tag, out], False),
-        ("(d) cp -r + fsync of the copies", ["sh", "-c", 'cp -r "$1" "$2" && sync "$2"/*', "sh", tag, out], False),
+    foreign = without_name_map(ck)
+
+    def ours(*extra, checkpoint=ck, verify="--no-verify"):
+        return lambda out: [PY, "-m", "clusterctl.convert", "--checkpoint", checkpoint, "--out", out, verify, *extra]
+
+    listed = [
+        ("(a) clusterctl convert, bf16", ours(), True),
+        ("(a) clusterctl convert, bf16, no saved name map", ours(checkpoint=foreign), True),
+        ("(a) clusterctl convert, fp32", ours("--dtype", "fp32"), True),
+        ("(a) clusterctl convert, bf16, 2 workers", ours("--workers", "2", "--max-shard-size", "100MB"), True),
+        ("(a) clusterctl convert, bf16 + --verify", ours(verify="--verify"), True),
+        ("(b) zero_to_fp32 + save_pretrained",
+         lambda out: [PY, os.path.join(HERE, "reference_tools.py"), "save-pretrained", ck, out], True),
+        ("(c) zero_to_fp32.py --safe_serialization",
+         lambda out: [PY, os.path.join(ck, "zero_to_fp32.py"), ck, out, "--safe_serialization"], False),
+        ("(d) cp -r of the checkpoint tag", lambda out: ["cp", "-r", tag, out], False),
+        ("(d) cp -r + fsync of the copies",
+         lambda out: ["sh", "-c", 'cp -r "$1" "$2" && sync "$2"/*', "sh", tag, out], False),
     ]
+    return [(label, cmd(os.path.join(work, f"out-{i}")), servable, os.path.join(work, f"out-{i}"))
+            for i, (label, cmd, servable) in enumerate(listed)]
 
 
 def fp32_weight_bytes(ck: str) -> int:
@@ -164,22 +170,29 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def best_of(cmd: list[str], src: str, repeat: int, out: str, cold: bool = False):
-    """The fastest of `repeat` runs, each on a warm (or, with `cold`, an empty) page cache (the machine is
-    shared: the minimum is the tool's own cost); memory is the largest peak seen over all of them."""
-    runs = []
+def interleaved(jobs: list[tuple[str, list[str], str, bool]], src: str, repeat: int) -> dict:
+    """Run every (label, command, output folder, cold) job once per round, `repeat` rounds, so that the
+    shared machine's slow spells fall on every tool alike; each on a warm page cache (or, with cold, an
+    emptied one) and no dirty pages.  Per label: the fastest run (the tool's own cost) with the largest
+    memory peaks seen over all of its runs.  Each tool's last output is left in its folder."""
+    runs: dict[str, list] = {label: [] for label, *_ in jobs}
     for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        if cold:
-            drop_caches()
-        else:
-            warm(src)
-            os.sync()           # no dirty pages left by the previous tool to slow this one's writes
-        runs.append(measure(cmd, env=ENV))
-        if runs[-1].returncode:
-            return runs[-1]
-    best = min(runs, key=lambda m: m.wall_s)
-    best.peak_rss, best.peak_anon = max(m.peak_rss for m in runs), max(m.peak_anon for m in runs)
+        for label, cmd, out, cold in jobs:
+            shutil.rmtree(out, ignore_errors=True)
+            if cold:
+                drop_caches()
+            else:
+                warm(src)
+                os.sync()
+            m = measure(cmd, env=ENV)
+            if m.returncode:
+                sys.exit(f"{label} failed:\n{m.output[-3000:]}")
+            runs[label].append(m)
+    best = {}
+    for label, measured in runs.items():
+        best[label] = min(measured, key=lambda m: m.wall_s)
+        best[label].peak_rss = max(m.peak_rss for m in measured)
+        best[label].peak_anon = max(m.peak_anon for m in measured)
     return best
 
 
@@ -187,26 +200,22 @@ def bench_size(work: str, size: str, rows: list, repeat: int) -> dict:
     ck = checkpoint(work, size)
     weights = fp32_weight_bytes(ck)
     ck_bytes = tree_bytes(_tag(ck))
-    results = {}
-    runs = [(label, cmd, servable, False) for label, cmd, servable in tools(ck, os.path.join(work, "out"))]
+    listed = tools(ck, work)
+    jobs = [(label, cmd, out, False) for label, cmd, _, out in listed]
     if can_drop_caches():
-        runs += [(label + COLD_SUFFIX, cmd, servable, True) for label, cmd, servable, _ in runs if label in COLD]
-    for label, cmd, servable, cold in runs:
-        shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
-        m = best_of(cmd, ck, repeat, os.path.join(work, "out"), cold)
-        if m.returncode:
-            sys.exit(f"{label} failed:\n{m.output[-3000:]}")
+        jobs += [(label + COLD_SUFFIX, cmd, out, True) for label, cmd, _, out in listed if label in COLD]
+    results = interleaved(jobs, ck, repeat)
+    outs = {label: out for label, _, _, out in listed}
+    servable = {label: yes for label, _, yes, _ in listed}
+    for label, _, out, _ in jobs:
+        m, base = results[label], label.removesuffix(COLD_SUFFIX)
         moved = ck_bytes if label.startswith("(d)") else weights
-        results[label] = m
         rows.append((size, label, m.wall_s, moved / m.wall_s / 1e9, m.peak_rss / GiB, m.peak_anon / GiB,
-                     tree_bytes(os.path.join(work, "out")) / 1e9, "yes" if servable else "no"))
-        if label == "(a) clusterctl convert, bf16":
-            shutil.copytree(os.path.join(work, "out"), os.path.join(work, "ours"), dirs_exist_ok=True)
-        if label.startswith("(b)"):
-            same = same_tensors(os.path.join(work, "ours"), os.path.join(work, "out"))
-            print(f"{size}: clusterctl output equals zero_to_fp32 + save_pretrained tensor for tensor: {same}")
-    shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
-    shutil.rmtree(os.path.join(work, "ours"), ignore_errors=True)
+                     tree_bytes(out) / 1e9, "yes" if servable[base] else "no"))
+    same = same_tensors(outs["(a) clusterctl convert, bf16"], outs["(b) zero_to_fp32 + save_pretrained"])
+    print(f"{size}: clusterctl output equals zero_to_fp32 + save_pretrained tensor for tensor: {same}")
+    for out in outs.values():
+        shutil.rmtree(out, ignore_errors=True)
     return {"params": weights // 4, "weights": weights, "ck_bytes": ck_bytes, "m": results}
 
 
@@ -220,20 +229,17 @@ def bench_fp8(work: str, rows: list, repeat: int) -> None:
         shapes["model.embed_tokens.weight"] = (4096, 1024)
         make_fp8_folder(src, shapes, shards=4)
     fp8_bytes = tree_bytes(src)
-    outs = {}
-    for label, cmd in (("clusterctl fp8-to-bf16", [PY, "-m", "clusterctl.cli", "fp8-to-bf16", src, "OUT"]),
-                       ("official per-block (fp8_cast_bf16.py, CPU)",
-                        [PY, os.path.join(HERE, "reference_tools.py"), "fp8-official", src, "OUT"])):
-        out = os.path.join(work, "fp8-" + label.split()[0])
-        m = best_of([c.replace("OUT", out) for c in cmd], src, repeat, out)
-        if m.returncode:
-            sys.exit(f"{label} failed:\n{m.output[-3000:]}")
-        outs[label] = out
+    ours, official = os.path.join(work, "fp8-ours"), os.path.join(work, "fp8-official")
+    jobs = [("clusterctl fp8-to-bf16", [PY, "-m", "clusterctl.cli", "fp8-to-bf16", src, ours], ours, False),
+            ("official per-block (fp8_cast_bf16.py, CPU)",
+             [PY, os.path.join(HERE, "reference_tools.py"), "fp8-official", src, official], official, False)]
+    results = interleaved(jobs, src, repeat)
+    for label, _, out, _ in jobs:
+        m = results[label]
         rows.append(("fp8", label, m.wall_s, fp8_bytes / m.wall_s / 1e9, m.peak_rss / GiB, m.peak_anon / GiB,
                      tree_bytes(out) / 1e9, "-"))
-    a, b = outs.values()
-    print(f"fp8: clusterctl output equals the official dequantisation bit for bit: {same_tensors(a, b)}")
-    for out in outs.values():
+    print(f"fp8: clusterctl output equals the official dequantisation bit for bit: {same_tensors(ours, official)}")
+    for out in (ours, official):
         shutil.rmtree(out)
 
 
@@ -294,16 +300,6 @@ def report(rows: list, sizes: dict) -> None:
         for label in (ours_label, "(b) zero_to_fp32 + save_pretrained"):
             print(f"peak anon growth 100M -> 400M, {label}: "
                   f"{large['m'][label].peak_anon / small['m'][label].peak_anon:.2f}x")
-        ours = growth_rate(small, large, ours_label, "weights")
-        print(f"throughput as the model grows (100M -> 400M, start-up cancelled): clusterctl {ours / 1e9:.2f} GB/s of "
-              f"fp32 weights; vs cp {ours / growth_rate(small, large, cp_labels[0], 'ck_bytes'):.2f}, "
-              f"vs cp + fsync {ours / growth_rate(small, large, cp_labels[1], 'ck_bytes'):.2f}")
-
-
-def growth_rate(small: dict, large: dict, label: str, moved: str) -> float:
-    """Extra bytes per extra second from the small model to the large one: the rate a 7.4 TB checkpoint
-    sees, with each tool's fixed start-up cancelled out."""
-    return (large[moved] - small[moved]) / (large["m"][label].wall_s - small["m"][label].wall_s)
 
 
 if __name__ == "__main__":

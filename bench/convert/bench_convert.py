@@ -170,12 +170,14 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def interleaved(jobs: list[tuple[str, list[str], str, bool]], src: str, repeat: int) -> dict:
+def interleaved(jobs: list[tuple[str, list[str], str, bool]], src: str, repeat: int, keep=()) -> tuple[dict, dict]:
     """Run every (label, command, output folder, cold) job once per round, `repeat` rounds, so that the
     shared machine's slow spells fall on every tool alike; each on a warm page cache (or, with cold, an
-    emptied one) and no dirty pages.  Per label: the fastest run (the tool's own cost) with the largest
-    memory peaks seen over all of its runs.  Each tool's last output is left in its folder."""
+    emptied one) and no dirty pages.  Returns per label the fastest run (the tool's own cost) with the
+    largest memory peaks seen over all its runs, and its output's size.  Outputs are removed as soon as
+    they are measured (cached outputs would crowd the next tool's page cache), but the folders in `keep`."""
     runs: dict[str, list] = {label: [] for label, *_ in jobs}
+    out_bytes = {}
     for _ in range(repeat):
         for label, cmd, out, cold in jobs:
             shutil.rmtree(out, ignore_errors=True)
@@ -188,12 +190,15 @@ def interleaved(jobs: list[tuple[str, list[str], str, bool]], src: str, repeat: 
             if m.returncode:
                 sys.exit(f"{label} failed:\n{m.output[-3000:]}")
             runs[label].append(m)
+            out_bytes[label] = tree_bytes(out)
+            if out not in keep:
+                shutil.rmtree(out, ignore_errors=True)
     best = {}
     for label, measured in runs.items():
         best[label] = min(measured, key=lambda m: m.wall_s)
         best[label].peak_rss = max(m.peak_rss for m in measured)
         best[label].peak_anon = max(m.peak_anon for m in measured)
-    return best
+    return best, out_bytes
 
 
 def bench_size(work: str, size: str, rows: list, repeat: int) -> dict:
@@ -204,18 +209,19 @@ def bench_size(work: str, size: str, rows: list, repeat: int) -> dict:
     jobs = [(label, cmd, out, False) for label, cmd, _, out in listed]
     if can_drop_caches():
         jobs += [(label + COLD_SUFFIX, cmd, out, True) for label, cmd, _, out in listed if label in COLD]
-    results = interleaved(jobs, ck, repeat)
+    compared = ("(a) clusterctl convert, bf16", "(b) zero_to_fp32 + save_pretrained")
     outs = {label: out for label, _, _, out in listed}
+    results, out_bytes = interleaved(jobs, ck, repeat, keep=[outs[label] for label in compared])
     servable = {label: yes for label, _, yes, _ in listed}
-    for label, _, out, _ in jobs:
-        m, base = results[label], label.removesuffix(COLD_SUFFIX)
+    for label, *_ in jobs:
+        m = results[label]
         moved = ck_bytes if label.startswith("(d)") else weights
         rows.append((size, label, m.wall_s, moved / m.wall_s / 1e9, m.peak_rss / GiB, m.peak_anon / GiB,
-                     tree_bytes(out) / 1e9, "yes" if servable[base] else "no"))
-    same = same_tensors(outs["(a) clusterctl convert, bf16"], outs["(b) zero_to_fp32 + save_pretrained"])
+                     out_bytes[label] / 1e9, "yes" if servable[label.removesuffix(COLD_SUFFIX)] else "no"))
+    same = same_tensors(*(outs[label] for label in compared))
     print(f"{size}: clusterctl output equals zero_to_fp32 + save_pretrained tensor for tensor: {same}")
-    for out in outs.values():
-        shutil.rmtree(out, ignore_errors=True)
+    for label in compared:
+        shutil.rmtree(outs[label])
     return {"params": weights // 4, "weights": weights, "ck_bytes": ck_bytes, "m": results}
 
 
@@ -233,11 +239,11 @@ def bench_fp8(work: str, rows: list, repeat: int) -> None:
     jobs = [("clusterctl fp8-to-bf16", [PY, "-m", "clusterctl.cli", "fp8-to-bf16", src, ours], ours, False),
             ("official per-block (fp8_cast_bf16.py, CPU)",
              [PY, os.path.join(HERE, "reference_tools.py"), "fp8-official", src, official], official, False)]
-    results = interleaved(jobs, src, repeat)
-    for label, _, out, _ in jobs:
+    results, out_bytes = interleaved(jobs, src, repeat, keep=(ours, official))
+    for label, *_ in jobs:
         m = results[label]
         rows.append(("fp8", label, m.wall_s, fp8_bytes / m.wall_s / 1e9, m.peak_rss / GiB, m.peak_anon / GiB,
-                     tree_bytes(out) / 1e9, "-"))
+                     out_bytes[label] / 1e9, "-"))
     print(f"fp8: clusterctl output equals the official dequantisation bit for bit: {same_tensors(ours, official)}")
     for out in (ours, official):
         shutil.rmtree(out)

@@ -278,7 +278,7 @@ def report(rows: list, sizes: dict) -> None:
     for size, label, wall, gbs, rss, anon, out, servable in rows:
         print(f"{size:6} {label:50} {wall:7.2f} {gbs:6.2f} {rss:10.2f} {anon:9.2f} {out:7.3f} {servable}")
     print()
-    ours_label, cold_label = "(a) clusterctl convert, bf16", "(a) clusterctl convert, bf16, no saved name map"
+    ours_label, no_map_label = "(a) clusterctl convert, bf16", "(a) clusterctl convert, bf16, no saved name map"
     cp_labels = ("(d) cp -r of the checkpoint tag", "(d) cp -r + fsync of the copies")
     for size, s in sizes.items():
         m = s["m"]
@@ -287,7 +287,7 @@ def report(rows: list, sizes: dict) -> None:
         print(f"{size} ({s['params'] / 1e6:.0f}M params, {s['weights'] / 1e9:.2f} GB fp32 weights, checkpoint "
               f"{s['ck_bytes'] / 1e9:.2f} GB): peak anon {m[ours_label].peak_anon / GiB:.2f} GiB vs (b) "
               f"{b.peak_anon / GiB:.2f} GiB, (c) {c.peak_anon / GiB:.2f} GiB")
-        for label in (ours_label, cold_label):
+        for label in (ours_label, no_map_label):
             rate = s["weights"] / m[label].wall_s
             print(f"  {label}: wall vs (c) {m[label].wall_s / c.wall_s:.2f}x, vs (b) {m[label].wall_s / b.wall_s:.2f}x;"
                   f" throughput vs cp {rate / cp_rates[0]:.2f}, vs cp + fsync {rate / cp_rates[1]:.2f}")

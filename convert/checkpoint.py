@@ -232,7 +232,9 @@ class ZeroCheckpoint:
         return pieces
 
     def read(self, name: str, start: int = 0, count: int | None = None):
-        """The same elements as one new tensor (the simple path: verification compares against it)."""
+        """The same elements as one tensor (the simple path: verification compares against it): the mapped
+        view itself when one rank holds them all, else a new tensor.  Callers must not write to it."""
         import torch
 
-        return torch.cat(self.segments(name, start, count))
+        pieces = self.segments(name, start, count)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

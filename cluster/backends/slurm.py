@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 from clusterctl.backends.base import Backend
 from clusterctl.errors import ConfigError, UserError
@@ -180,6 +181,21 @@ def node_outcome(exits: dict[int, int], nodes: int) -> tuple[dict[str, str], lis
     return states, failed
 
 
+def outcome_from_markers(state_dir: Path, exits: dict[int, int], nodes: int) -> dict | None:
+    """A forgotten job's end, as query_job would give it, from the run folder: the batch script's
+    job.exit; else the nodes' markers, where one failure is enough (srun --kill-on-bad-exit stops the
+    others, possibly before they can record anything). None while nothing decides."""
+    try:
+        code = int((state_dir / "job.exit").read_text().strip())
+    except (OSError, ValueError):
+        failures = [c for c in exits.values() if c != 0]
+        if not failures and len(exits) < nodes:
+            return None
+        code = failures[0] if failures else 0
+    return {"state": "COMPLETED" if code == 0 else "FAILED", "slurm_state": "", "reason": "None",
+            "exit_code": f"{code}:0"}
+
+
 class SlurmBackend(Backend):
     name = "slurm"
 
@@ -202,8 +218,8 @@ class SlurmBackend(Backend):
         for stage in stages:
             run.log_dir(stage).mkdir(parents=True, exist_ok=True)  # sbatch --output needs it
             run.state_dir(stage).mkdir(parents=True, exist_ok=True)
-            for stale in run.state_dir(stage).glob("node-*"):
-                stale.unlink()  # an earlier attempt's markers must not be read as this one's
+            for stale in [*run.state_dir(stage).glob("node-*"), run.state_dir(stage) / "job.exit"]:
+                stale.unlink(missing_ok=True)  # an earlier attempt's markers must not be read as this one's
             argv = ["sbatch", "--parsable"]
             if previous:
                 argv += [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"]
@@ -256,11 +272,10 @@ class SlurmBackend(Backend):
         exits = marker_exits(run, stage, nodes)
         update: dict = {}
         if info is None:  # Slurm has forgotten the job: the run folder's markers decide
-            if len(exits) == nodes:
-                info = {"state": "COMPLETED" if not any(exits.values()) else "FAILED", "slurm_state": "",
-                        "reason": "None"}
-            else:
-                return {"reason": f"Slurm no longer knows job {job_id} and not every node recorded an exit"}
+            info = outcome_from_markers(run.state_dir(stage), exits, nodes)
+            if info is None:
+                return {"reason": f"Slurm no longer knows job {job_id} and neither the job nor a node "
+                                  f"recorded an exit in {run.state_dir(stage)}"}
         state = info["state"] or record["state"]
         update.update(state=state, reason="")
         if info.get("restarts"):

@@ -32,6 +32,7 @@ CONTROLLED = {
     "job-name": "the job spec's name", "J": "the job spec's name", "parsable": "nothing",
     "partition": "slurm.partition", "p": "slurm.partition", "account": "slurm.account", "A": "slurm.account",
     "time": "slurm.time", "t": "slurm.time", "gpus-per-node": "gpus_per_node",
+    "chdir": "nothing: jobs start in their stage folder", "D": "nothing: jobs start in their stage folder",
 }
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"}
@@ -100,7 +101,9 @@ def sbatch_options(cluster, run: Run, stage: dict, job_name: str, requeue: dict 
             raise ConfigError("the value contains a newline", where=f"{cluster.source}: slurm.{name}")
         if value:
             options.append(f"--{name}={sbatch_escape(value)}")
-    options += [f"--output={sbatch_escape(pattern_escape(stage['log_dir']))}/slurm-%j.log", "--open-mode=append"]
+    # The submitting shell's folder may not exist on the nodes (slurmd would fall back to /tmp).
+    options += [f"--chdir={sbatch_escape(stage['dir'])}",
+                f"--output={sbatch_escape(pattern_escape(stage['log_dir']))}/slurm-%j.log", "--open-mode=append"]
     if requeue:
         options += [f"--signal=B:USR2@{requeue['signal_seconds']}", "--requeue"]
     else:
@@ -168,16 +171,17 @@ def marker_exits(run: Run, stage: str, nodes: int) -> dict[int, int]:
     return {rank: code for _, rank, code in sorted(found)}
 
 
-def node_outcome(exits: dict[int, int], nodes: int) -> tuple[dict[str, str], list[int]]:
+def node_outcome(exits: dict[int, int], nodes: int, ended: bool) -> tuple[dict[str, str], list[int]]:
     """(state of each node, the nodes that failed by themselves): the first failure is the cause;
-    nodes stopped by a signal after it were cancelled by srun --kill-on-bad-exit."""
+    nodes stopped by a signal after it, or before they could record anything once the job has
+    ended, were cancelled by srun --kill-on-bad-exit."""
     first = next((rank for rank, code in exits.items() if code != 0), None)
     failed = [r for r, code in exits.items() if code != 0 and (r == first or code not in STOPPED)]
     states = {}
     for rank in range(nodes):
         code = exits.get(rank)
-        states[str(rank)] = ("RUNNING" if code is None else "COMPLETED" if code == 0
-                             else "FAILED" if rank in failed else "CANCELLED")
+        states[str(rank)] = (("CANCELLED" if ended else "RUNNING") if code is None else
+                             "COMPLETED" if code == 0 else "FAILED" if rank in failed else "CANCELLED")
     return states, failed
 
 
@@ -285,7 +289,7 @@ class SlurmBackend(Backend):
             update.update(state="CANCELLED", reason="an earlier stage did not complete")
         elif state == "PENDING" and info["reason"] not in ("None", ""):
             update["reason"] = f"waiting: {info['reason']}"
-        node_states, failed = node_outcome(exits, nodes)
+        node_states, failed = node_outcome(exits, nodes, ended=state in FINISHED)
         if state in ("RUNNING", "COMPLETED", "FAILED"):
             update["node_states"] = node_states
         if state == "FAILED":

@@ -50,7 +50,7 @@ def test_sft_on_4_nodes_forms_one_rendezvous(slurm, clusterctl, wait_for, tmp_pa
     yaml = write_cluster(tmp_path / "cluster.yaml", {
         "backend": "slurm", "gpus_per_node": 2,
         "slurm": {"partition": slurm.partition, "time": "10:00", "extra_options": {"comment": comment}},
-        "setup": {"sft": ['echo "gpus=$CUDA_VISIBLE_DEVICES"', program("rendezvous")]}})
+        "setup": {"sft": ['echo "gpus=$CUDA_VISIBLE_DEVICES cwd=$PWD"', program("rendezvous")]}})
     run_id, run_dir = submit(clusterctl, "sft", "--stages", "sft", "--nodes", "4", "--cluster", yaml)
     status = wait_for(run_id, finished, what="sft to finish")
     job_id = status["stages"]["sft"]["job_id"]
@@ -63,7 +63,8 @@ def test_sft_on_4_nodes_forms_one_rendezvous(slurm, clusterctl, wait_for, tmp_pa
     assert {s["sum"] for s in seen} == {6.0} and {s["world"] for s in seen} == {4}
     for rank in range(4):
         log = (run_dir / "logs/sft" / f"node-{rank:03d}.log").read_text()
-        assert f"sft node {rank}/4 on" in log and "gpus=0,1" in log and "rendezvous ok" in log
+        assert f"sft node {rank}/4 on" in log and "rendezvous ok" in log
+        assert f"gpus=0,1 cwd={run_dir / 'sft'}\n" in log   # not the submitting shell's folder
         assert (run_dir / "state/sft" / f"node-{rank:03d}.exit").read_text().strip() == "0"
     script = (run_dir / "sft/job.sbatch").read_text()
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=2" in script
@@ -150,6 +151,7 @@ def test_status_with_accounting_off(slurm, clusterctl, wait_for, tmp_path):
     (markers / "job.exit").unlink()
     second = wait_for(runs[1][0], finished, timeout=5)["stages"]["sft"]  # from the markers
     assert second["state"] == "FAILED" and second["failed_nodes"] == [1] and second["exit_code"] == 4, second
+    assert second["node_states"] == {"0": "CANCELLED", "1": "FAILED"}, second
 
 
 @pytest.mark.parametrize("job_exit, exits, expected", [

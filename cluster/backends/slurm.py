@@ -278,8 +278,8 @@ class SlurmBackend(Backend):
         if info is None:  # Slurm has forgotten the job: the run folder's markers decide
             info = outcome_from_markers(run.state_dir(stage), exits, nodes)
             if info is None:
-                return {"reason": f"Slurm no longer knows job {job_id} and neither the job nor a node "
-                                  f"recorded an exit in {run.state_dir(stage)}"}
+                return {"reason": f"Slurm no longer knows job {job_id}, and {run.state_dir(stage)} holds "
+                                  f"neither its job.exit nor a failed or every node's exit"}
         state = info["state"] or record["state"]
         update.update(state=state, reason="")
         if info.get("restarts"):

@@ -51,6 +51,10 @@ class Run:
     def state_dir(self, stage: str) -> Path:
         return self.dir / "state" / stage
 
+    def node_marker(self, stage: str, rank: int, kind: str) -> Path:
+        """What a node script records of itself: state/<stage>/node-NNN.pid or .exit."""
+        return self.state_dir(stage) / f"node-{rank:03d}.{kind}"
+
     def read(self) -> dict:
         try:
             return json.loads(self.json_path.read_text())
@@ -84,6 +88,14 @@ class Run:
                 record["ended"] = time.time()
             record.update(fields)
         return self.update(change)
+
+
+def recorded_exit(path: Path) -> int | None:
+    """The exit code an exit marker (node-NNN.exit, job.exit) holds; None while it is absent or unwritten."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def find_run(runs_dir: str | Path | None, run: str | None) -> Run:

@@ -56,7 +56,7 @@ class LocalBackend(SupervisedBackend):
 
 def _node_processes(run: Run, stage: str, rank: int) -> list[int]:
     """Processes of one node: its process group plus any descendant that left the group (same env)."""
-    pid_file = run.state_dir(stage) / f"node-{rank:03d}.pid"
+    pid_file = run.node_marker(stage, rank, "pid")
     try:
         pgid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from clusterctl.backends.base import Backend
 from clusterctl.errors import ConfigError, UserError
 from clusterctl.render import render_template
-from clusterctl.run import FINISHED, Run
+from clusterctl.run import FINISHED, Run, recorded_exit
 
 TIMEOUT_S = 60
 # sbatch options clusterctl sets itself: which setting to use instead.
@@ -163,7 +163,7 @@ def marker_exits(run: Run, stage: str, nodes: int) -> dict[int, int]:
     """Exit codes the node scripts recorded (state/<stage>/node-NNN.exit), by rank, in the order written."""
     found = []
     for rank in range(nodes):
-        path = run.state_dir(stage) / f"node-{rank:03d}.exit"
+        path = run.node_marker(stage, rank, "exit")
         try:
             found.append((path.stat().st_mtime, rank, int(path.read_text().strip())))
         except (OSError, ValueError):
@@ -189,9 +189,8 @@ def outcome_from_markers(state_dir: Path, exits: dict[int, int], nodes: int) -> 
     """A forgotten job's end, as query_job would give it, from the run folder: the batch script's
     job.exit; else the nodes' markers, where one failure is enough (srun --kill-on-bad-exit stops the
     others, possibly before they can record anything). None while nothing decides."""
-    try:
-        code = int((state_dir / "job.exit").read_text().strip())
-    except (OSError, ValueError):
+    code = recorded_exit(state_dir / "job.exit")
+    if code is None:
         failures = [c for c in exits.values() if c != 0]
         if not failures and len(exits) < nodes:
             return None

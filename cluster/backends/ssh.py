@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from clusterctl.backends.base import NodeProcess, SupervisedBackend
 from clusterctl.errors import UserError
 from clusterctl.render import render_template
-from clusterctl.run import Run
+from clusterctl.run import Run, recorded_exit
 
 STOP_GRACE_S = 10
 PID_FILE_WAIT_S = 3
@@ -169,17 +169,13 @@ class SshNode(NodeProcess):
             self.log.close()
         # -1: killed by a signal (sshd sends exit-signal) or the connection was lost: the script's own
         # exit marker knows better when it got to write one.
-        self.status = code if code >= 0 else _marker(self.run, self.stage, self.rank, default=255)
+        if code < 0:
+            recorded = recorded_exit(self.run.node_marker(self.stage, self.rank, "exit"))
+            code = 255 if recorded is None else recorded
+        self.status = code
 
     def poll(self) -> int | None:
         return self.status
-
-
-def _marker(run: Run, stage: str, rank: int, default: int) -> int:
-    try:
-        return int((run.state_dir(stage) / f"node-{rank:03d}.exit").read_text().strip())
-    except (OSError, ValueError):
-        return default
 
 
 def stop_group_command(pgid: int, grace: float) -> str:
@@ -259,8 +255,7 @@ class SshBackend(SupervisedBackend):
 
     def kill_node(self, run: Run, stage: str, rank: int, host, grace: float = STOP_GRACE_S) -> None:
         """Stop the node's process group on its host (read from its pid file; any shell can do this)."""
-        pid_file = run.state_dir(stage) / f"node-{rank:03d}.pid"
-        exit_file = run.state_dir(stage) / f"node-{rank:03d}.exit"
+        pid_file, exit_file = run.node_marker(stage, rank, "pid"), run.node_marker(stage, rank, "exit")
         deadline = time.monotonic() + PID_FILE_WAIT_S   # a node started a moment ago may not have written it
         while not pid_file.exists() and not exit_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)

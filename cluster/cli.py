@@ -11,9 +11,9 @@ from clusterctl import __version__
 from clusterctl.errors import UserError
 
 VERBS = {
-    "submit": "submit", "convert": "stage", "deploy": "stage", "retry": "retry", "status": "status",
+    "submit": "submit", "convert": "stage", "deploy": "stage", "retry": "retry", "status": "status", "runs": "runs",
     "logs": "logs", "cancel": "cancel", "health": "health", "doctor": "doctor", "plan": "plan",
-    "plot": "plot", "data": "data", "fp8-to-bf16": "fp8",
+    "plot": "plot", "data": "data", "fp8-to-bf16": "fp8", "export": "export",
 }
 SUMMARIES = {
     "submit": "Render a run and submit its stages (sft -> convert -> deploy).",
@@ -21,6 +21,7 @@ SUMMARIES = {
     "deploy": "Run the deploy stage alone: Ray + vLLM serving a model folder.",
     "retry": "Submit a run's unfinished stages again; SFT resumes from its last checkpoint.",
     "status": "Show the state of every stage of a run.",
+    "runs": "List the runs, newest first: stage states, model, endpoint, age.",
     "logs": "Print (or follow) the per-node logs of a run.",
     "cancel": "Cancel every unfinished stage of a run, dependents included.",
     "health": "Check a served endpoint: /health, /v1/models, a chat completion.",
@@ -29,6 +30,7 @@ SUMMARIES = {
     "plot": "Plot loss and learning rate of a run's SFT stage to a PNG.",
     "data": "Validate a conversation data set before submission.",
     "fp8-to-bf16": "Dequantise DeepSeek-V3's released FP8 weights to BF16.",
+    "export": "Export a run's converted model: `export gguf RUN --type q4_k_m` for llama.cpp / Ollama.",
 }
 
 

@@ -1,20 +1,37 @@
 """cluster.yaml (where a job runs) and the job spec (what it runs), parsed and checked before
-anything is rendered. Every error names the file, line, field and the fix."""
+anything is rendered. Every error names the file, line, field and the fix.
+
+Each section of cluster.yaml is a dataclass that checks itself (`validate(at)`, run by
+`clusterctl.schema.parse`); the job spec's sections live in clusterctl.spec. Overrides from the
+command line (`--set`, `--set-cluster`, `--nodes`) are written into the loaded values first, so
+they get exactly the checks a file gets."""
 from __future__ import annotations
 
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
+from clusterctl import chain
 from clusterctl.errors import ConfigError
 from clusterctl.hostlist import expand_hostlist
-from clusterctl.schema import load_yaml, parse, where_of
-from clusterctl.training.config import BUILTIN_TINY_DATA, BUILTIN_TINY_MODEL, TrainConfig
+from clusterctl.schema import apply_overrides, empty_located, load_yaml, parse, where_of
+from clusterctl.spec import ConvertSpec, DeploySpec, JobSpec, SftSpec, StageSection, check_line  # noqa: F401 (re-exported)
 
 BACKENDS = ("local", "ssh", "slurm")
 STAGES = ("sft", "convert", "deploy")
+TRAIN_STAGES = ("sft", "grpo", "dpo", "simpo", "ppo")   # the first stage of a chain is the job's kind
+Override = tuple[str, object, str]   # (dotted path, value, origin named in errors), see schema.parse_assignment
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_port(value: int, at, name: str, *, zero_ok: bool = False) -> None:
+    if not (zero_ok and value == 0) and not 1 <= value <= 65535:
+        raise ConfigError(f"port {value} is outside 1-65535", where=at(name),
+                          fix="pick a free port between 1024 and 65535" + (" (or 0 for the default)" if zero_ok else ""))
 
 
 @dataclass
@@ -26,6 +43,20 @@ class SshSettings:
     ssh_config: str = ""                    # an OpenSSH client config to resolve host aliases
     insecure_accept_unknown_hosts: bool = False
     connect_timeout: float = 10.0
+    max_restarts: int = 3                   # a training stage whose node crashed or hung is started again (restarts.py)
+
+    def validate(self, at) -> None:
+        _check_port(self.port, at, "port")
+        if self.max_restarts < 0:
+            raise ConfigError(f"must not be negative, got {self.max_restarts}", where=at("max_restarts"),
+                              fix="0 turns automatic restarts off")
+        if self.connect_timeout <= 0:
+            raise ConfigError(f"must be above 0 seconds, got {self.connect_timeout}", where=at("connect_timeout"))
+        for name in ("user", "identity_file", "known_hosts", "ssh_config"):
+            check_line(getattr(self, name), at, name)
+        if self.ssh_config and not os.path.isfile(os.path.expanduser(self.ssh_config)):
+            raise ConfigError(f"no such file: {self.ssh_config}", where=at("ssh_config"),
+                              fix="point ssh_config at an OpenSSH client config file, or leave it out")
 
 
 @dataclass
@@ -34,8 +65,18 @@ class SlurmSettings:
     account: str = ""
     time: str = ""                          # sbatch --time; "" = the partition's default
     signal_seconds: int = 300               # USR2 this long before the time limit: checkpoint + requeue
-    max_restarts: int = 3
+    max_restarts: int = 3                   # requeues after the time-limit warning, a crash or a hang
     extra_options: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, at) -> None:
+        for name in ("signal_seconds", "max_restarts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must not be negative, got {getattr(self, name)}", where=at(name))
+        for name in ("partition", "account", "time"):
+            check_line(getattr(self, name), at, name)
+        for key, value in self.extra_options.items():
+            check_line(f"{key}={value}", lambda _, key=key: at(f"extra_options.{key}"),  # type: ignore[misc]
+                       "an extra option")
 
 
 @dataclass
@@ -45,9 +86,15 @@ class Ports:
     ray_dashboard: int = 8265
     vllm: int = 8000
 
+    def validate(self, at) -> None:
+        _check_port(self.master, at, "master", zero_ok=True)
+        for name in ("ray", "ray_dashboard", "vllm"):
+            _check_port(getattr(self, name), at, name)
+
 
 @dataclass
 class ClusterConfig:
+    INTERNAL = ("source",)
     backend: str = "local"
     hosts: list[str] = field(default_factory=list)   # ssh: pdsh host lists accepted ("node[01-32]")
     gpus_per_node: int = 0                           # 0: CPU-only nodes (one process per node)
@@ -73,74 +120,64 @@ class ClusterConfig:
     def python_path(self) -> str:
         return self.python or sys.executable
 
+    @property
+    def node_python(self) -> str:
+        """The interpreter baked into node scripts: `python:`, or this one on the local backend; ""
+        on remote nodes without `python:` (their scripts take python3 from PATH after `setup:`)."""
+        return self.python or (sys.executable if self.backend == "local" else "")
 
-@dataclass
-class ConvertSpec:
-    nodes: int = 1
-    dtype: str = "bf16"
-    verify: bool = True
-    workers: int = 1
-    engine: str = ""                        # "" = follow sft.engine
+    def describe_node_python(self) -> str:
+        if self.node_python:
+            return self.node_python + ("" if self.python else " (this interpreter: the local backend)")
+        return "python3 on each node's PATH after the setup: lines (no python: in cluster.yaml)"
 
-
-@dataclass
-class DeploySpec:
-    nodes: int = 1
-    tensor_parallel: int = 0                # 0 = GPUs per node
-    pipeline_parallel: int = 0              # 0 = nodes
-    served_model_name: str = ""
-    max_model_len: int = 0                  # 0 = the model's own limit
-    api_key_file: str = ""                  # read on the node at run time; never rendered
-    reasoning_parser: str = "deepseek_r1"
-    extra_args: list[str] = field(default_factory=list)
-    ready_timeout: int = 1800
-    host: str = "0.0.0.0"
-    trust_remote_code: bool = False
-
-
-@dataclass
-class JobSpec:
-    name: str = "sft"
-    model: str = BUILTIN_TINY_MODEL
-    data: str = BUILTIN_TINY_DATA
-    engine: str = "clusterctl"              # or "xtuner" (the original recipe's environment)
-    sft: dict = field(default_factory=dict)  # TrainConfig fields + nodes
-    convert: ConvertSpec = field(default_factory=ConvertSpec)
-    deploy: DeploySpec = field(default_factory=DeploySpec)
-    source: str = "(built-in tiny job)"
-    sft_nodes: int = 1
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def nodes(self, stage: str) -> int:
-        return {"sft": self.sft_nodes, "convert": self.convert.nodes, "deploy": self.deploy.nodes}[stage]
-
-
-def load_cluster(path: str | None) -> ClusterConfig:
-    """cluster.yaml, or the built-in local cluster when no file is given."""
-    if path is None:
-        return ClusterConfig()
-    values = load_yaml(path)
-    config = parse(ClusterConfig, values, str(path), internal=("source",))
-    config.source = str(Path(path).resolve())
-    at = lambda name: where_of(values, name, str(path))  # noqa: E731
-    if config.backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {config.backend!r}", where=at("backend"),
-                          fix=f"use one of: {', '.join(BACKENDS)}")
-    config.hosts = [h for entry in config.hosts for h in expand_hostlist(entry, where=at("hosts"))]
-    if config.backend == "ssh" and not config.hosts:
-        raise ConfigError("the ssh backend needs hosts", where=at("hosts"),
-                          fix="list them, e.g. hosts: [\"node[01-32]\"]")
-    for stage in config.setup:
-        if stage not in STAGES + ("all",):
-            raise ConfigError(f"unknown stage {stage!r}", where=at(f"setup.{stage}"),
-                              fix=f"use one of: all, {', '.join(STAGES)}")
-    for name, value in config.env.items():
-        if not name.isidentifier():
-            raise ConfigError(f"{name!r} is not a valid environment variable name", where=at(f"env.{name}"))
-    for stage, lines in config.setup.items():
-        for line in lines:
-            if "\n" in line:
+    def validate(self, at) -> None:
+        """Checks of the file on its own; expands host lists (each host once across all entries)."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}", where=at("backend"),
+                              fix=f"use one of: {', '.join(BACKENDS)}")
+        for name in ("gpus_per_node", "gpu_memory_gib", "host_memory_gib"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must not be negative, got {getattr(self, name)}", where=at(name),
+                                  fix="0 means none (CPU-only nodes) or unknown")
+        self.hosts = expand_hostlist(",".join(self.hosts), where=at("hosts"))
+        if self.backend == "ssh" and not self.hosts:
+            raise ConfigError("the ssh backend needs hosts", where=at("hosts"),
+                              fix="list them, e.g. hosts: [\"node[01-32]\"]")
+        for stage, lines in self.setup.items():
+            if stage not in STAGES + TRAIN_STAGES[1:] + ("all",):
+                raise ConfigError(f"unknown stage {stage!r}", where=at(f"setup.{stage}"),
+                                  fix=f"use one of: all, {', '.join(STAGES)}")
+            if any("\n" in line or "\r" in line for line in lines):
                 raise ConfigError("one shell line per list item (no newlines)", where=at(f"setup.{stage}"))
+        for name in self.env:
+            if not ENV_NAME.fullmatch(name):
+                raise ConfigError(f"{name!r} is not a valid environment variable name", where=at(f"env.{name}"),
+                                  fix="use letters, digits and _ (not starting with a digit)")
+        for name in ("python", "runs_dir", "interface", "ray_temp_dir", "swap_dir"):
+            check_line(getattr(self, name), at, name)
+
+
+def load_cluster(path: str | None, overrides: Iterable[Override] = ()) -> ClusterConfig:
+    """cluster.yaml (or the built-in local cluster when no file is given), with `--set-cluster`
+    overrides written in before it is checked."""
+    values = load_yaml(path) if path is not None else empty_located(ClusterConfig.source)
+    config = parse(ClusterConfig, apply_overrides(values, overrides), str(path or ClusterConfig.source))
+    if path is not None:
+        config.source = str(Path(path).resolve())
+    return config
+
+
+def load_cluster_snapshot(path: Path) -> ClusterConfig:
+    """A run folder's cluster.yaml. Submit writes every field, so a missing one means the file was
+    cut short or edited: refused rather than silently filled with defaults."""
+    values = load_yaml(path)
+    missing = [f.name for f in fields(ClusterConfig) if f.name not in (*ClusterConfig.INTERNAL, *values)]
+    if missing:
+        raise ConfigError(f"the run's cluster snapshot is incomplete (no {', '.join(missing)})", where=str(path),
+                          fix="restore it from the cluster.yaml the run was submitted with (every field is written)")
+    config = parse(ClusterConfig, values, str(path))
+    config.source = str(path)
     return config
 
 
@@ -148,79 +185,45 @@ def builtin_job_path(name: str) -> Path:
     return Path(str(resources.files("clusterctl") / "examples" / f"{name}.yaml"))
 
 
-def load_job(path: str | None, *, sft_nodes: int | None, cluster: ClusterConfig,
-             check_paths: bool = True) -> JobSpec:
-    """A job spec (or the built-in tiny job), checked against the cluster it will run on."""
+def load_job(path: str | None, *, cluster: ClusterConfig, overrides: Iterable[Override] = (),
+             sft_nodes: int | None = None, check_paths: bool = True) -> JobSpec:
+    """A job spec (or the built-in tiny job) with its overrides (`--set`; `sft_nodes` is submit's
+    --nodes), checked on its own and against the cluster it will run on."""
     source = Path(path) if path else builtin_job_path("tiny-job")
     if path and not source.exists() and builtin_job_path(path).exists():
         source = builtin_job_path(path)   # a built-in example by name, e.g. --job deepseek-r1-671b-job
-    values = load_yaml(source)
-    at = lambda name: where_of(values, name, str(source))  # noqa: E731
-    job = parse(JobSpec, values, str(source), internal=("source", "train", "sft_nodes"))
+    overrides = list(overrides) + ([("sft.nodes", sft_nodes, f"--nodes {sft_nodes}")] if sft_nodes else [])
+    values = apply_overrides(load_yaml(source), overrides)
+    job = parse(JobSpec, values, str(source))
     job.source = str(source.resolve())
-    sft = dict(job.sft)
-    nodes = sft.pop("nodes", 1)
-    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
-        raise ConfigError(f"expected a node count of at least 1, got {nodes!r}", where=at("sft.nodes"))
-    job.sft_nodes = sft_nodes or nodes
-    for key in ("model", "data", "output_dir", "metrics_file", "tensorboard_dir"):
-        if key in sft:
-            raise ConfigError(f"{key} is not set per stage", where=at(f"sft.{key}"),
-                              fix="set model and data at the top level; outputs live in the run folder")
-    sft_values = type(values)(sft)
-    sft_values.lines = getattr(values, "lines", {})
-    job.train = TrainConfig.from_dict(sft_values, where=str(source), prefix="sft.")
-    if job.engine not in ("clusterctl", "xtuner"):
-        raise ConfigError(f"unknown engine {job.engine!r}", where=at("engine"), fix="use clusterctl or xtuner")
-    if job.convert.dtype not in ("bf16", "fp32", "fp16"):
-        raise ConfigError(f"unknown dtype {job.convert.dtype!r}", where=at("convert.dtype"),
-                          fix="use bf16, fp16 or fp32")
-    for stage in STAGES:
-        _check_nodes(job.nodes(stage), stage, cluster, at(f"{stage}.nodes"))
-    _check_parallelism(job, cluster, at)
+    at = lambda name: where_of(values, name, str(source))  # noqa: E731 (a one-line closure)
     if check_paths:
         _check_input_paths(job, source, at)
-    _check_deploy_parallelism(job, cluster, at)
+    job.check_cluster(cluster, at)
     return job
 
 
-def _check_nodes(nodes: int, stage: str, cluster: ClusterConfig, where: str) -> None:
-    if nodes < 1:
-        raise ConfigError("a stage needs at least 1 node", where=where)
-    if cluster.backend == "ssh" and nodes > len(cluster.hosts):
-        raise ConfigError(f"{stage} asks for {nodes} nodes but {cluster.source} lists {len(cluster.hosts)} hosts",
-                          where=where, fix="add hosts to cluster.yaml or lower the node count (--nodes)")
-
-
-def _check_parallelism(job: JobSpec, cluster: ClusterConfig, at) -> None:
-    world = job.sft_nodes * cluster.procs_per_node
-    if world % job.train.sequence_parallel:
-        raise ConfigError(f"sequence_parallel {job.train.sequence_parallel} does not divide the "
-                          f"world size {world} ({job.sft_nodes} nodes x {cluster.procs_per_node})",
-                          where=at("sft.sequence_parallel"), fix="pick a divisor of the world size")
-
-
-def _check_deploy_parallelism(job: JobSpec, cluster: ClusterConfig, at) -> None:
-    """tp must divide the attention heads, pp at most the layers: vLLM would fail late or hang."""
-    from clusterctl.deploy.vllm_args import check_parallel, read_model_config, resolve_parallel
-
-    tp, pp = resolve_parallel(job.deploy.tensor_parallel, job.deploy.pipeline_parallel,
-                              gpus_per_node=cluster.gpus_per_node, nodes=job.deploy.nodes)
-    model_config = None if job.model.startswith("builtin:") else read_model_config(job.model)
-    check_parallel(tp, pp, gpus_per_node=cluster.gpus_per_node, nodes=job.deploy.nodes,
-                   model_config=model_config, where=lambda field: at(f"deploy.{field}"))
-
-
 def _check_input_paths(job: JobSpec, source: Path, at) -> None:
+    """The model must be a folder with config.json, the data a non-empty file (relative paths are
+    taken from the job spec's folder)."""
     for key in ("model", "data"):
         value = getattr(job, key)
+        if key == "model" and value.startswith(chain.PREFIX):   # an earlier run's converted model
+            value = chain.resolve_run_model(value, at(key))
         if value.startswith("builtin:"):
             continue
         path = Path(os.path.expanduser(value))
         if not path.is_absolute():
             path = source.parent / path
+        wanted = "a Hugging Face model folder" if key == "model" else "a data file (JSONL)"
+        fix = f"point {key} at {wanted} (relative paths are taken from the job spec's folder)"
         if not path.exists():
-            raise ConfigError(f"{path} does not exist", where=at(key),
-                              fix=f"point {key} at an existing {'model folder' if key == 'model' else 'data file'}"
-                                  " (relative paths are taken from the job spec's folder)")
+            raise ConfigError(f"{path} does not exist", where=at(key), fix=fix)
+        if key == "model" and not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a model folder: " + ("it has no config.json" if path.is_dir()
+                              else "it is a file"), where=at(key), fix=fix)
+        if key == "data" and not path.is_file():
+            raise ConfigError(f"{path} is a folder, not a data file", where=at(key), fix=fix)
+        if key == "data" and path.stat().st_size == 0:
+            raise ConfigError(f"{path} is empty", where=at(key), fix=fix)
         setattr(job, key, str(path.resolve()))

@@ -7,13 +7,12 @@ import time
 
 import click
 
-from clusterctl.backends.base import backend_for
-from clusterctl.config import load_cluster
+from clusterctl.backends.base import backend_of
 from clusterctl.run import FINISHED, Run
 
 
-def last_metrics(run: Run) -> dict | None:
-    path = run.stage_dir("sft") / "metrics.jsonl"
+def last_metrics(run: Run, stage: str = "sft") -> dict | None:
+    path = run.stage_dir(stage) / "metrics.jsonl"
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, path.stat().st_size - 4096))
@@ -27,15 +26,18 @@ def describe(run: Run, stage: str, record: dict) -> str:
     text = f"{stage:<8} {record['state']:<10}"
     nodes = record.get("node_states") or {}
     if nodes:
-        counts = {}
+        counts: dict[str, int] = {}
         for state in nodes.values():
             counts[state] = counts.get(state, 0) + 1
         text += " nodes " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    if stage == "sft" and record["state"] == "RUNNING":
-        metrics = last_metrics(run)
+    if stage in ("sft", "grpo", "dpo", "simpo", "ppo") and record["state"] == "RUNNING":
+        metrics = last_metrics(run, stage)
         if metrics:
             text += (f" | step {metrics.get('step')}/{metrics.get('max_steps')} loss {metrics.get('loss', 0):.4f}"
                      f" lr {metrics.get('lr', 0):.2e}")
+            for key in ("reward", "rewards/margins"):       # grpo; dpo / simpo
+                if key in metrics:
+                    text += f" {key.split('/')[-1]} {metrics[key]:.3f}"
     if record.get("endpoint"):
         text += f" | {record['endpoint']}"
     if record.get("reason") and record["state"] in ("FAILED", "CANCELLED"):
@@ -52,7 +54,7 @@ def tail(path, lines: int = 15) -> str:
 
 def follow(run: Run, *, health_timeout: float = 600.0) -> int:
     """Print progress until the chain fails, completes, or its endpoint answers; return an exit code."""
-    backend = backend_for(load_cluster(str(run.dir / "cluster.yaml")))
+    backend = backend_of(run)
     shown: dict[str, str] = {}
     last_print = 0.0
     while True:
@@ -86,11 +88,15 @@ def follow(run: Run, *, health_timeout: float = 600.0) -> int:
 def report_endpoint(run: Run, deploy: dict, *, timeout: float) -> int:
     from clusterctl.commands.health import print_check
     from clusterctl.health import Endpoint, check_endpoint
+    from clusterctl.sample import sample_question, verdict
 
     endpoint = Endpoint(url=deploy["endpoint"], model=deploy.get("served_model") or "")
-    checks = check_endpoint(endpoint, timeout=timeout)
+    question = sample_question(run.dir)
+    checks = check_endpoint(endpoint, timeout=timeout, prompt=question.prompt)
     for check in checks:
         print_check(check, err=True)
+        for line in verdict(question, check.answer) if check.ok and check.name.startswith("POST") else ():
+            click.echo(line, err=True)
     ok = len(checks) == 3 and all(check.ok for check in checks)
     click.echo(f"\nendpoint: {deploy['endpoint']}  (served model {endpoint.model})", err=True)
     click.echo(f"stop it:  clusterctl cancel {run.id}", err=True)

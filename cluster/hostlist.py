@@ -2,22 +2,43 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from clusterctl.errors import ConfigError
 
 _BRACKET = re.compile(r"\[([^\[\]]*)\]")
 
 
+MAX_HOSTS = 65536   # more is a typo (node[1-1000000]), and would take seconds and memory to expand
+
+
 def expand_hostlist(text: str, *, where: str = "hosts") -> list[str]:
     """Expand every bracket range (zero padding kept), left to right; commas outside brackets split."""
+    parts = [part.strip() for part in _split_top_level(text)]
+    total = sum(_count(part) for part in parts)
+    if total > MAX_HOSTS:
+        raise ConfigError(f"the host list expands to {total} names, more than {MAX_HOSTS}", where=where,
+                          fix='check the ranges, e.g. "node[001-128]"')
     hosts: list[str] = []
-    for part in _split_top_level(text):
-        hosts.extend(_expand_one(part.strip(), where))
-    seen = set()
-    duplicates = [h for h in hosts if h in seen or seen.add(h)]
+    for part in parts:
+        hosts.extend(_expand_one(part, where))
+    duplicates = [host for host, count in Counter(hosts).items() if count > 1]
     if duplicates:
         raise ConfigError(f"host {duplicates[0]!r} is listed twice", where=where)
     return hosts
+
+
+def _count(pattern: str) -> int:
+    """How many names a pattern expands to, without expanding it (ranges it cannot read count as 1)."""
+    total = 1
+    for group in _BRACKET.findall(pattern):
+        size = 0
+        for item in group.split(","):
+            bounds = item.split("-")
+            digits = all(b.isdigit() for b in bounds)
+            size += int(bounds[1]) - int(bounds[0]) + 1 if len(bounds) == 2 and digits else 1
+        total *= max(size, 1)
+    return total
 
 
 def _split_top_level(text: str) -> list[str]:

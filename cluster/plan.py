@@ -2,8 +2,11 @@
 
 Symbols: P parameters (from config.json), W = nodes x gpus_per_node ranks, S = sequence parallel size,
 B micro-batch, L sequence length, T = B*L/S tokens per rank, h hidden size, V vocabulary, n layers,
-Pmax the largest single module's own parameters (for DeepSeek-V3 on transformers 5: one layer's fused
-experts, 256 x 3 x 7168 x 2048 = 11.3 B), b = 2 bytes (bf16).
+Pmax the largest single module's own parameters (for DeepSeek-V3 on transformers 5 one layer's fused
+experts, 256 x 3 x 7168 x 2048 = 11.3 B, unless the trainer splits them: `expert_groups` G, as
+train.json's (training/experts.py), makes each group a module of E/G experts; 0 is the trainer's
+default, groups of at most 1e9 parameters: 16 groups of 0.70 B for 671B; 1 is the whole layer),
+b = 2 bytes (bf16).
 
 Per GPU (model states follow DeepSpeed's own estimators, estimate_zero{2,3}_model_states_mem_needs):
   ZeRO-3  params     b*P/W                (0 with offload_param: they live in host RAM)
@@ -20,10 +23,13 @@ Per GPU (model states follow DeepSpeed's own estimators, estimate_zero{2,3}_mode
   activations, gradient checkpointing on:
           n*T*h*b                         each layer's checkpointed input
         + 2 * layer(T)                    one layer recomputed and its activation grads
-        + T*V*(b + 4 + 4)                 logits in bf16, their fp32 copy for the loss, its fp32 grad
+        + C*V*(b + 4 + 4 + 4)             one chunk's logits in bf16, their fp32 copy, log-softmax and its
+                                          grad: the trainer computes the loss over chunks of C = min(T,
+                                          training.loss.chunk_tokens(V)) tokens (593 at V = 129,280)
     layer(T) = b*T*(attention widths + MLP widths): MLA q/kv low-rank and per-head projections, the
     attention output, Ulysses' all-to-all copies of q/k/v/out; MoE: top_k routed experts + shared experts
-    (3 x moe_intermediate each) + router scores; dense layers 3 x intermediate.
+    (3 x moe_intermediate each) + router scores + the routed pairs' gathered inputs (top_k x h); dense
+    layers 3 x intermediate.
     Without checkpointing every layer keeps layer(T): n * layer(T) instead of the first two terms.
   runtime  CUDA context, NCCL and allocator slack: runtime_gib (default 3 GiB; 0 on CPU-only runs)
 
@@ -34,15 +40,22 @@ Host RAM per node (gpus_per_node ranks):
                      while loading, so the whole model never sits in RAM; mapped pages count in RSS)
   per process        host_runtime_gib per rank (Python, torch, CUDA libraries; default 4 GiB)
 Everything is rounded up by `buffer_factor` (1.1): allocator fragmentation and temporaries.
+
+LoRA / QLoRA (method): grads, optimizer states, their offload and the optimizer step scale with the LoRA
+parameters T (every target group, ModelShape.lora_params) instead of P; the frozen base is still partitioned,
+gathered and offloaded like full SFT's parameters. QLoRA holds the whole NF4 base (routed experts stay bf16)
+on every GPU under ZeRO-2.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from clusterctl import modelconfig
 from clusterctl.errors import UserError
+from clusterctl.training.experts import groups_for
+from clusterctl.training.loss import BYTES_PER_LOGIT, chunk_tokens
 
 GIB = 1024 ** 3
 BF16 = 2
@@ -71,23 +84,23 @@ class ModelShape:
     tied: bool = False
 
     @classmethod
-    def from_config(cls, cfg: dict, where: str = "config.json") -> "ModelShape":
-        try:
-            heads = cfg["num_attention_heads"]
-            shape = dict(vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-                         heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
-                         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                         intermediate=cfg["intermediate_size"], tied=bool(cfg.get("tie_word_embeddings", False)))
-        except KeyError as exc:
-            raise UserError(f"missing {exc.args[0]}", where=where, fix="give a Hugging Face causal LM config.json")
+    def from_config(cls, cfg: dict, where: str = "config.json") -> ModelShape:
+        def n(key: str, minimum: int = 1, default: int | None = None) -> int:
+            return modelconfig.count(cfg, key, where, minimum=minimum, default=default)
+
+        heads, hidden = n("num_attention_heads"), n("hidden_size")
+        shape = dict(vocab=n("vocab_size"), hidden=hidden, layers=n("num_hidden_layers"), heads=heads,
+                     kv_heads=n("num_key_value_heads", default=heads),
+                     head_dim=n("head_dim", default=max(hidden // heads, 1)),
+                     intermediate=n("intermediate_size"), tied=bool(cfg.get("tie_word_embeddings", False)))
         if cfg.get("n_routed_experts"):
-            shape.update(dense_layers=cfg.get("first_k_dense_replace", 0), moe_intermediate=cfg["moe_intermediate_size"],
-                         routed_experts=cfg["n_routed_experts"], shared_experts=cfg.get("n_shared_experts") or 0,
-                         top_k=cfg["num_experts_per_tok"])
+            shape.update(dense_layers=n("first_k_dense_replace", 0, default=0),
+                         moe_intermediate=n("moe_intermediate_size"), routed_experts=n("n_routed_experts"),
+                         shared_experts=n("n_shared_experts", 0, default=0), top_k=n("num_experts_per_tok"))
         if cfg.get("kv_lora_rank"):
-            shape.update(q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=cfg["kv_lora_rank"],
-                         qk_nope=cfg["qk_nope_head_dim"], qk_rope=cfg["qk_rope_head_dim"], v_head=cfg["v_head_dim"])
-        return cls(**shape)
+            shape.update(q_lora_rank=n("q_lora_rank", 0, default=0), kv_lora_rank=n("kv_lora_rank"),
+                         qk_nope=n("qk_nope_head_dim", 0), qk_rope=n("qk_rope_head_dim", 0), v_head=n("v_head_dim"))
+        return cls(**shape)  # type: ignore[arg-type]
 
     # -- parameter counts ---------------------------------------------------------------------------
     def attention_params(self) -> int:
@@ -120,10 +133,42 @@ class ModelShape:
         total += self.moe_layers() * self.mlp_params(True)
         return total + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
-    def largest_module_params(self) -> int:
+    def lora_params(self, rank: int) -> tuple[int, int]:
+        """(all, largest module's) LoRA parameters with every target group adapted (training/lora.py "all"):
+        r x (in + out) per linear layer, per expert for the fused routed experts (peft's target_parameters)."""
+        h, H, r = self.hidden, self.heads, rank
+        if self.kv_lora_rank:
+            qk = self.qk_nope + self.qk_rope
+            q = [(h, self.q_lora_rank), (self.q_lora_rank, H * qk)] if self.q_lora_rank else [(h, H * qk)]
+            attention = q + [(h, self.kv_lora_rank + self.qk_rope), (self.kv_lora_rank, H * (self.qk_nope + self.v_head)),
+                             (H * self.v_head, h)]
+        else:
+            d = self.head_dim
+            attention = [(h, H * d), (h, self.kv_heads * d), (h, self.kv_heads * d), (H * d, h)]
+        per_attention = sum(r * (i + o) for i, o in attention)
+        dense = 3 * r * (h + self.intermediate)
+        shared = self.shared_experts * 3 * r * (h + self.moe_intermediate)
+        routed = self.routed_experts * r * ((h + 2 * self.moe_intermediate) + (self.moe_intermediate + h))
+        total = self.layers * per_attention + (self.layers - self.moe_layers()) * dense
+        total += self.moe_layers() * (shared + routed)
+        return total, max(per_attention, dense, routed if self.routed_experts else 0)
+
+    def quantized_base_bytes(self) -> float:
+        """QLoRA's base: NF4 with double quantisation (about 4.13 bits) for every linear layer, bf16 for the
+        embeddings, norms and the fused routed experts (bitsandbytes has no 4-bit path for 3-D parameters)."""
+        unquantized = self.vocab * self.hidden * (1 if self.tied else 2) + self.moe_layers() * self.experts_params()
+        return 4.13 / 8 * (self.params() - unquantized) + BF16 * unquantized
+
+    def expert_groups(self, requested: int = 0) -> int:
+        """The groups the trainer splits each layer's routed experts into (training/experts.py)."""
+        return groups_for({"n_routed_experts": self.routed_experts, "hidden_size": self.hidden,
+                           "moe_intermediate_size": self.moe_intermediate}, requested)
+
+    def largest_module_params(self, expert_groups: int = 0) -> int:
+        """The largest module's own parameters, routed experts split in `expert_groups` as the trainer does."""
         candidates = [self.vocab * self.hidden, self.attention_params(), 3 * self.hidden * self.intermediate]
         if self.routed_experts:
-            candidates.append(self.experts_params())
+            candidates.append(self.experts_params() // self.expert_groups(expert_groups))
         return max(candidates)
 
     # -- activations of one layer for T tokens on this rank -----------------------------------------
@@ -140,7 +185,8 @@ class ModelShape:
             exchanged = 2 * H * d + 2 * self.kv_heads * d
         mlp = 3 * self.intermediate
         if self.routed_experts:
-            moe = (self.top_k + self.shared_experts) * 3 * self.moe_intermediate + 2 * self.routed_experts
+            moe = ((self.top_k + self.shared_experts) * 3 * self.moe_intermediate + 2 * self.routed_experts
+                   + self.top_k * h)        # each routed (token, expert) pair's gathered input row
             mlp = max(mlp if self.dense_layers else 0, moe)
         return BF16 * tokens * (attention + exchanged + mlp + 4 * h)
 
@@ -165,6 +211,9 @@ class Setup:
     max_live_parameters: float = 1e9    # elements (stage3_max_live_parameters)
     load_shard_gib: float = 5.0
     buffer_factor: float = 1.1
+    expert_groups: int = 0              # routed-expert groups per layer (train.json's; 0: the trainer's default, 1: fused)
+    method: str = "full"                # full | lora | qlora: only LoRA parameters have grads and optimizer state
+    lora_rank: int = 8
 
     @property
     def world(self) -> int:
@@ -178,6 +227,7 @@ class Plan:
     largest_module: int
     gpu: dict          # component -> bytes, per GPU
     host: dict         # component -> bytes, per node
+    trained: int = 0   # parameters with gradients and optimizer state (all of them, or LoRA's)
 
     @property
     def gpu_total(self) -> float:
@@ -202,12 +252,16 @@ class Plan:
     def to_dict(self) -> dict:
         gib = lambda d: {k: round(v / GIB, 3) for k, v in d.items()}          # noqa: E731
         return {"setup": asdict(self.setup), "params": self.params, "largest_module_params": self.largest_module,
+                "trained_params": self.trained,
                 "gpu_gib": gib(self.gpu), "gpu_total_gib": round(self.gpu_total / GIB, 3), "fits_gpu": self.fits_gpu,
                 "host_gib": gib(self.host), "host_total_gib": round(self.host_total / GIB, 3),
                 "fits_host": self.fits_host, "fits": self.fits}
 
 
 def validate(shape: ModelShape, s: Setup) -> None:
+    if s.method == "qlora" and s.zero != 2:
+        raise UserError("QLoRA keeps the whole 4-bit base on every GPU (bitsandbytes weights are not ZeRO-3 "
+                        "partitioned)", where="--zero", fix="use --zero 2 with --method qlora")
     if s.zero not in (2, 3):
         raise UserError("ZeRO stage must be 2 or 3", where="--zero")
     if s.offload_param and s.zero != 3:
@@ -221,32 +275,33 @@ def validate(shape: ModelShape, s: Setup) -> None:
 
 def plan(shape: ModelShape, s: Setup) -> Plan:
     validate(shape, s)
-    P, W, big = shape.params(), s.world, shape.largest_module_params()
+    P, W, big = shape.params(), s.world, shape.largest_module_params(s.expert_groups)
+    T, big_trained = (P, big) if s.method == "full" else shape.lora_params(s.lora_rank)   # trained parameters
     tokens = math.ceil(s.micro_batch * s.seq_len / s.sp)
     gpu: dict = {}
     if s.zero == 3:
         gpu["params"] = 0 if s.offload_param else BF16 * P / W
-        gpu["grads+optimizer"] = 0 if s.offload_optimizer else 16 * P / W
+        gpu["grads+optimizer"] = 0 if s.offload_optimizer else 16 * T / W
         gpu["gathered params"] = BF16 * min(P, max(big, s.max_live_parameters))
-        gpu["module grad"] = BF16 * big
-        gpu["buckets"] = BF16 * (min(s.prefetch_bucket, P) + min(s.reduce_bucket, P))
+        gpu["module grad"] = BF16 * big_trained
+        gpu["buckets"] = BF16 * (min(s.prefetch_bucket, P) + min(s.reduce_bucket, T))
     else:
-        gpu["params"] = BF16 * P
-        gpu["grads"] = BF16 * P
-        gpu["optimizer"] = 0 if s.offload_optimizer else 16 * P / W
-        gpu["buckets"] = BF16 * min(s.reduce_bucket, P)
-    gpu["optimizer step"] = 0 if s.offload_optimizer else 4 * P / W
+        gpu["params"] = shape.quantized_base_bytes() if s.method == "qlora" else BF16 * P
+        gpu["grads"] = BF16 * T
+        gpu["optimizer"] = 0 if s.offload_optimizer else 16 * T / W
+        gpu["buckets"] = BF16 * min(s.reduce_bucket, T)
+    gpu["optimizer step"] = 0 if s.offload_optimizer else 4 * T / W
     layer = shape.layer_activation_bytes(tokens)
     if s.gradient_checkpointing:
         gpu["activations"] = shape.layers * tokens * shape.hidden * BF16 + 2 * layer
     else:
         gpu["activations"] = shape.layers * layer
-    gpu["logits+loss"] = tokens * shape.vocab * (BF16 + 4 + 4)
+    gpu["logits+loss"] = min(tokens, chunk_tokens(shape.vocab)) * shape.vocab * BYTES_PER_LOGIT
     gpu["runtime"] = s.runtime_gib * GIB
-    per_rank = (16 * P / W if s.offload_optimizer else 0) + (BF16 * P / W if s.offload_param else 0)
+    per_rank = (16 * T / W if s.offload_optimizer else 0) + (BF16 * P / W if s.offload_param else 0)
     host = {"offloaded states": per_rank * s.gpus_per_node, "loading": min(s.load_shard_gib * GIB, BF16 * P),
             "processes": s.host_runtime_gib * GIB * s.gpus_per_node}
-    return Plan(s, P, big, gpu, host)
+    return Plan(s, P, big, gpu, host, trained=T)
 
 
 def _offload(shape, s):
@@ -306,12 +361,9 @@ def load_shape(model: str) -> ModelShape:
     if model == BUILTIN_TINY_MODEL:
         from clusterctl.training.tiny import MODEL_SHAPE, VOCAB_SIZE
         return ModelShape.from_config({**MODEL_SHAPE, "vocab_size": VOCAB_SIZE, "intermediate_size": 256}, model)
-    path = Path(model)
+    path = Path(model).expanduser()
     path = path / "config.json" if path.is_dir() else path
-    try:
-        return ModelShape.from_config(json.loads(path.read_text()), str(path))
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}", where="--model",
-                        fix="give a Hugging Face model folder or its config.json") from exc
-    except json.JSONDecodeError as exc:
-        raise UserError(f"not JSON: {exc.msg} (line {exc.lineno})", where=str(path)) from exc
+    if not path.is_file():
+        raise UserError("no such file", where=str(path),
+                        fix="give a Hugging Face model folder (holding config.json) or its config.json")
+    return ModelShape.from_config(modelconfig.read(path), str(path))

@@ -13,9 +13,10 @@ from importlib import resources
 
 import jinja2
 
-from clusterctl import __version__
+from clusterctl import __version__, rlrender
 from clusterctl.atomic import atomic_write_text
-from clusterctl.config import ClusterConfig, JobSpec
+from clusterctl.config import TRAIN_STAGES, ClusterConfig, JobSpec
+from clusterctl.rlspec import RL_KINDS
 from clusterctl.run import Run
 
 
@@ -52,12 +53,13 @@ def render_template(name: str, **context) -> str:
     return environment().get_template(name).render(**context)
 
 
-def stage_io(run: Run, stage: str, overrides: dict) -> tuple[dict, dict]:
-    """Where a stage reads from and writes to: the previous stage's output unless overridden."""
-    checkpoints = str(run.stage_dir("sft") / "checkpoints")
+def stage_io(run: Run, stage: str, overrides: dict, train_stage: str = "sft") -> tuple[dict, dict]:
+    """Where a stage reads from and writes to: the previous stage's output unless overridden.
+    `train_stage` is the job's kind (sft, grpo, dpo, simpo): the stage convert reads from."""
+    checkpoints = str(run.stage_dir(train_stage) / "checkpoints")
     model = str(run.stage_dir("convert") / "model")
-    if stage == "sft":
-        return {}, {"checkpoints": checkpoints}
+    if stage in TRAIN_STAGES:
+        return {}, {"checkpoints": str(run.stage_dir(stage) / "checkpoints")}
     if stage == "convert":
         return ({"checkpoint": overrides.get("checkpoint") or checkpoints},
                 {"model": overrides.get("model_out") or model})
@@ -65,6 +67,8 @@ def stage_io(run: Run, stage: str, overrides: dict) -> tuple[dict, dict]:
 
 
 def stage_spec(job: JobSpec, stage: str, run: Run) -> dict:
+    if stage in RL_KINDS:
+        return rlrender.stage_spec(job, run, stage)
     if stage == "sft":
         return dataclasses.asdict(train_config(job, run))
     spec = dataclasses.asdict(getattr(job, stage))
@@ -76,10 +80,7 @@ def stage_spec(job: JobSpec, stage: str, run: Run) -> dict:
 
 
 def train_config(job: JobSpec, run: Run):
-    stage_dir = run.stage_dir("sft")
-    return dataclasses.replace(
-        job.train, model=job.model, data=job.data, output_dir=str(stage_dir / "checkpoints"),
-        metrics_file=str(stage_dir / "metrics.jsonl"), tensorboard_dir=str(stage_dir / "tensorboard"))
+    return job.sft.train_config(model=job.model, data=job.data, stage_dir=run.stage_dir("sft"))
 
 
 def render_stage(run: Run, stage: str, *, cluster: ClusterConfig, job: JobSpec, backend,
@@ -87,14 +88,14 @@ def render_stage(run: Run, stage: str, *, cluster: ClusterConfig, job: JobSpec, 
     """All files of one stage, as {path relative to the run folder: text}."""
     nodes = job.nodes(stage)
     hosts = backend.hosts(nodes)
-    inputs, outputs = stage_io(run, stage, overrides)
+    inputs, outputs = stage_io(run, stage, overrides, job.kind)
     stage_dir = run.stage_dir(stage)
     context = dict(
         run={"id": run.id, "dir": str(run.dir)},
         stage={"name": stage, "nodes": nodes, "dir": str(stage_dir), "log_dir": str(run.log_dir(stage)),
                "state_dir": str(run.state_dir(stage)), "hosts": hosts},
         cluster=cluster, job=job, spec=stage_spec(job, stage, run), inputs=inputs, outputs=outputs,
-        python=cluster.python_path, master_addr=backend.master_addr(hosts), master_port=master_port,
+        python=cluster.node_python, master_addr_setup=backend.master_addr_setup(hosts), master_port=master_port,
         env=cluster.env, setup_lines=cluster.setup.get("all", []) + cluster.setup.get(stage, []),
         omp_threads=cluster.env.get("OMP_NUM_THREADS", "1"))
     files: dict[str, str] = {}
@@ -107,6 +108,8 @@ def render_stage(run: Run, stage: str, *, cluster: ClusterConfig, job: JobSpec, 
             **context)
     if stage == "sft" and job.engine == "xtuner":
         files["sft/xtuner_config.py"] = render_template("xtuner/config.py.j2", **context)
+    elif stage in RL_KINDS:
+        files.update(rlrender.stage_files(job, run, stage))
     elif stage == "sft":
         config = train_config(job, run)
         files["sft/train.json"] = config.to_json()

@@ -12,9 +12,9 @@ import os
 import re
 from dataclasses import dataclass
 
+from clusterctl.atomic import MARKER, latest_complete
 from clusterctl.errors import UserError
 
-MARKER = "clusterctl-complete.json"
 _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
 
 
@@ -65,22 +65,23 @@ def resolve(path: str) -> tuple[str, str]:
 
 
 def _newest_complete_tag(out_dir: str) -> str:
+    """The tag `latest` names when it is complete (under `select: best`, the best one), else the newest
+    complete tag by step (the rule of clusterctl.atomic, the one training resumes by)."""
     latest = os.path.join(out_dir, "latest")
     if os.path.exists(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
+        with open(latest, "rb") as f:
+            tag = f.read(4096).decode("utf-8", errors="replace").strip()
         tag_dir = os.path.join(out_dir, tag)
-        if not os.path.isdir(tag_dir):
-            raise UserError(f"'latest' names tag {tag!r} but {tag_dir} does not exist", where=latest,
-                            fix="pass a tag folder explicitly, or fix the 'latest' file")
+        if not tag or os.sep in tag or tag in (".", "..") or not os.path.isdir(tag_dir):
+            raise UserError(f"'latest' names tag {tag!r}, which does not exist as a folder of {out_dir}",
+                            where=latest, fix="pass a tag folder explicitly, or fix the 'latest' file")
         if os.path.exists(os.path.join(tag_dir, MARKER)):
             return tag_dir
-    complete = [os.path.join(out_dir, d) for d in os.listdir(out_dir)
-                if os.path.exists(os.path.join(out_dir, d, MARKER))]
-    if not complete:
-        raise UserError(f"no complete checkpoint tag (a sub-folder holding {MARKER})", where=out_dir,
-                        fix="wait for the SFT stage to save a checkpoint, or pass a tag folder")
-    return max(complete, key=lambda d: os.path.getmtime(os.path.join(d, MARKER)))
+    newest = latest_complete(out_dir)
+    if newest is None:
+        raise UserError(f"no complete checkpoint tag (a sub-folder named by its step, holding {MARKER})",
+                        where=out_dir, fix="wait for the SFT stage to save a checkpoint, or pass a tag folder")
+    return os.path.join(out_dir, newest)
 
 
 def _rank_files(tag_dir: str) -> dict[tuple[str, int, int], str]:
@@ -160,9 +161,10 @@ class ZeroCheckpoint:
         if missing:
             raise UserError(f"checkpoint of {world} ranks is missing files: " + "; ".join(missing), where=tag_dir,
                             fix="a rank's save did not finish: convert an older complete tag")
-        self.files = sorted(optim.values()) + sorted(model.values())
+        found = {r: p for r, p in model.items() if p is not None}        # every rank, after the check above
+        self.files = sorted(optim.values()) + sorted(found.values())
         opt = [first] + [load_lazy(optim[r])["optimizer_state_dict"] for r in range(1, world)]
-        states = [load_lazy(model[r]) for r in model_ranks]
+        states = [load_lazy(found[r]) for r in model_ranks]
         self.params: dict[str, Param] = {}
         self._index(opt, states)
         module = states[0]["module"]

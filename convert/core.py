@@ -9,18 +9,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
+from clusterctl import modelconfig
+from clusterctl.atomic import MARKER
 from clusterctl.errors import UserError
 
 from . import nodes as nodes_
-from .checkpoint import MARKER, ZeroCheckpoint, resolve
+from .checkpoint import ZeroCheckpoint, resolve
 from .layout import DTYPES, LAYOUT_FILE, Piece, load_layout, plan
 from .sfio import ShardWriter
-from .staging import Staging, atomic_write, write_json
-
-INDEX = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-NOT_COPIED = ("config.json", LAYOUT_FILE)
-_SLACK = 64 << 20     # config, tokenizer, index
+from .staging import Staging, write_json
+from .tensors import extract
 
 
 def log(msg: str) -> None:
@@ -29,7 +27,8 @@ def log(msg: str) -> None:
 
 def shards_of(pieces: list[Piece], max_bytes: int) -> list[tuple[str, list[Piece]]]:
     """Consecutive pieces packed into files of at most max_bytes (a bigger tensor gets a file alone)."""
-    groups, size = [[]], 0
+    groups: list[list[Piece]] = [[]]
+    size = 0
     for p in pieces:
         if groups[-1] and size + p.nbytes > max_bytes:
             groups.append([])
@@ -38,28 +37,6 @@ def shards_of(pieces: list[Piece], max_bytes: int) -> list[tuple[str, list[Piece
         size += p.nbytes
     n = len(groups)
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
-
-
-def extract(ck: ZeroCheckpoint, p: Piece):
-    """One output tensor, cast as it is gathered: each rank's slice is copied once, straight from the mapped
-    file into the output buffer (a piece that is not one contiguous run of its source takes the simple path)."""
-    import torch
-
-    if not p.contiguous:
-        return reference_extract(ck, p)
-    out = torch.empty(p.numel, dtype=getattr(torch, p.dtype))
-    at = 0
-    for segment in ck.segments(p.source, p.offset, p.numel):
-        out[at:at + segment.numel()].copy_(segment)
-        at += segment.numel()
-    return out.view(p.shape)
-
-
-def reference_extract(ck: ZeroCheckpoint, p: Piece):
-    """The same tensor by the obvious route (gather, take the view, cast): what verification compares with."""
-    import torch
-
-    return ck.read(p.source, p.offset, p.span).as_strided(p.shape, p.stride).to(getattr(torch, p.dtype))
 
 
 def write_shard(ck: ZeroCheckpoint, path: str, pieces: list[Piece]) -> dict:
@@ -83,6 +60,7 @@ def _init_worker(tag_dir: str) -> None:
 
 
 def _worker_shard(path: str, pieces: list[Piece]) -> dict:
+    assert _worker_ck is not None, "the pool initializer maps the checkpoint first"
     return write_shard(_worker_ck, path, pieces)
 
 
@@ -102,26 +80,13 @@ def run_shards(ck: ZeroCheckpoint, jobs: list[tuple[str, list[Piece]]], workers:
 
 def output_config(hf_dir: str, dtype: str) -> dict:
     """The trained model's config.json, made servable: no quantization_config, dtype set, topk_method kept."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = modelconfig.read(os.path.join(hf_dir, "config.json"),
+                           fix="the SFT stage copies it from the base model: correct the base model's config.json")
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = cfg["dtype"] = DTYPES[dtype]
     if cfg.get("model_type") == "deepseek_v3":
         cfg.setdefault("topk_method", "noaux_tc")   # transformers 5 drops it; vLLM needs it (RECIPES §3.4)
     return cfg
-
-
-def copy_side_files(hf_dir: str, staging: Staging) -> list[str]:
-    """generation_config, tokenizer and code files: everything in hf/ but config.json, weights and our map."""
-    copied = []
-    for name in sorted(os.listdir(hf_dir)):
-        src = os.path.join(hf_dir, name)
-        if name in NOT_COPIED or name.endswith(WEIGHT_SUFFIXES) or not os.path.isfile(src):
-            continue
-        with open(src, "rb") as f:
-            atomic_write(staging.path(name), f.read())
-        copied.append(name)
-    return copied
 
 
 def fingerprint(tag_dir: str, dtype: str, shards: list) -> dict:
@@ -171,13 +136,8 @@ def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True,
         resumed, me = True, nodes_.join(staging, plan_id, node_rank, wait_timeout)
     records = {name: rec for name, _ in mine if resumed and (rec := staging.finished(name))}
     todo = [(staging.path(name), ps) for name, ps in mine if name not in records]
-    need = sum(p.nbytes for _, ps in todo for p in ps) + _SLACK
-    free = staging.free_bytes()
-    if need > free:
-        if not records and node_rank == 0:
-            staging.discard()
-        raise UserError(f"not enough disk space: the output needs {need / 2**30:.2f} GiB, "
-                        f"{free / 2**30:.2f} GiB free", where=staging.dir, fix="free space or choose another --out")
+    staging.require_space(sum(p.nbytes for _, ps in todo for p in ps),
+                          discard=not records and node_rank == 0)
     peers = nodes_.admit(staging, nodes, wait_timeout) if node_rank == 0 and nodes > 1 else {}
     if records:
         log(f"resuming: {len(records)} of {len(shards)} shards already written and verified by hash")
@@ -196,10 +156,9 @@ def convert(checkpoint: str, out: str, dtype: str = "bf16", verify: bool = True,
         return None
     records.update(nodes_.collect(staging, peers, wait_timeout))
     total = sum(p.nbytes for p in pieces)
-    write_json(staging.path(INDEX), {"metadata": {"total_size": total},
-                                     "weight_map": {p.name: name for name, ps in shards for p in ps}})
+    staging.write_index({p.name: name for name, ps in shards for p in ps}, total)
     write_json(staging.path("config.json"), output_config(hf_dir, dtype))
-    side = copy_side_files(hf_dir, staging)
+    side = staging.copy_side_files(hf_dir, skip=(LAYOUT_FILE,))
     checks = {}
     if verify:
         from .verify import verify_folder

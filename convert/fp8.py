@@ -13,13 +13,14 @@ import math
 import os
 import time
 
+from clusterctl import modelconfig
 from clusterctl.errors import UserError
 
 from .sfio import ShardWriter, read_header
-from .staging import Staging, atomic_write, write_json
+from .staging import INDEX, Staging, write_json
 
-INDEX = "model.safetensors.index.json"
 SCALE = "_scale_inv"
+DOWNLOAD_AGAIN = "the download is damaged: download the FP8 model folder again"
 BAND_ROWS = 2048              # about this many rows dequantised at once: bounds memory for any width
 
 
@@ -52,10 +53,15 @@ def dequantize(weight, scale_inv, block: tuple[int, int] = (128, 128), device: s
 
 def _block_size(config: dict) -> tuple[int, int]:
     q = config.get("quantization_config") or {}
-    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
         raise UserError(f"config.json has no fp8 e4m3 quantization_config (found {q or 'none'})",
                         where="config.json", fix="pass the folder of DeepSeek-V3/R1's released FP8 weights")
-    return tuple(q.get("weight_block_size", (128, 128)))
+    block = q.get("weight_block_size", [128, 128])
+    if not (isinstance(block, list | tuple) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise UserError(f"quantization_config.weight_block_size must be two whole numbers above 0, found {block}",
+                        where="config.json", fix=DOWNLOAD_AGAIN)
+    return block[0], block[1]
 
 
 def _shard_plan(src: str, files: list[str]) -> dict[str, list[tuple[str, str, tuple, int]]]:
@@ -69,6 +75,10 @@ def _shard_plan(src: str, files: list[str]) -> dict[str, list[tuple[str, str, tu
     for f, header in headers.items():
         entries = []
         for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if e["dtype"] not in by_code:
+                raise UserError(f"{name}: safetensors dtype {e['dtype']} is not one this cast reads "
+                                f"({', '.join(sorted(by_code))})", where=os.path.join(src, f),
+                                fix="pass the folder of DeepSeek-V3/R1's released FP8 weights")
             shape, dtype = tuple(e["shape"]), by_code[e["dtype"]]
             if name.endswith(SCALE):
                 if name[: -len(SCALE)] not in names:
@@ -121,6 +131,23 @@ def _write_shard(src: str, staging: Staging, f: str, entries, where: dict[str, s
         raise
 
 
+def _weight_map(src: str) -> dict[str, str]:
+    """Tensor name -> shard file, from the index (or the single model.safetensors)."""
+    index_path = os.path.join(src, INDEX)
+    if not os.path.isfile(index_path):
+        return {n: "model.safetensors" for n in read_header(os.path.join(src, "model.safetensors"))}
+    try:
+        with open(index_path, "rb") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
+        raise UserError(f"not a safetensors index ({type(exc).__name__}: {str(exc)[:120]})", where=index_path,
+                        fix=DOWNLOAD_AGAIN) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError("weight_map is not an object of tensor name -> file name", where=index_path,
+                        fix=DOWNLOAD_AGAIN)
+    return weight_map
+
+
 def cast_folder(src: str, out: str, force: bool = False) -> dict:
     """Dequantise every shard of `src` into `out` (staged, resumable, marker last); returns the marker."""
     started = time.time()
@@ -128,15 +155,9 @@ def cast_folder(src: str, out: str, force: bool = False) -> dict:
     config_path = os.path.join(src, "config.json")
     if not os.path.isfile(config_path):
         raise UserError("config.json is missing", where=src, fix="pass the downloaded FP8 model folder")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = modelconfig.read(config_path, fix=DOWNLOAD_AGAIN)
     block = _block_size(config)
-    index_path = os.path.join(src, INDEX)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            where = json.load(f)["weight_map"]
-    else:
-        where = {n: "model.safetensors" for n in read_header(os.path.join(src, "model.safetensors"))}
+    where = _weight_map(src)
     files = sorted(set(where.values()))
     missing = [f for f in files if not os.path.isfile(os.path.join(src, f))]
     if missing:
@@ -146,11 +167,8 @@ def cast_folder(src: str, out: str, force: bool = False) -> dict:
     staging = Staging(out, force)
     fingerprint = {"source": src, "files": {f: os.path.getsize(os.path.join(src, f)) for f in files}}
     resumed = staging.prepare(fingerprint)
-    need = sum(e[3] for entries in plan.values() for e in entries) + (64 << 20)
-    free = staging.free_bytes()
-    if need > free:
-        raise UserError(f"not enough disk space: the output needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
-                        "free", where=staging.dir, fix="free space or choose another output folder")
+    total = sum(e[3] for entries in plan.values() for e in entries)
+    staging.require_space(total + (64 << 20), discard=False)
     device = _device()
     records = {}
     for i, f in enumerate(files):
@@ -161,19 +179,11 @@ def cast_folder(src: str, out: str, force: bool = False) -> dict:
             staging.record(f, rec)
             log(f"{f} ({i + 1}/{len(files)}): {rec['size'] / 1e9:.3f} GB in {time.time() - t0:.1f} s on {device}")
         records[f] = rec
-    weight_map = {e[0]: f for f, entries in plan.items() for e in entries}
-    write_json(staging.path(INDEX), {"metadata": {"total_size": sum(e[3] for es in plan.values() for e in es)},
-                                     "weight_map": weight_map})
+    staging.write_index({e[0]: f for f, entries in plan.items() for e in entries}, total)
     config.pop("quantization_config")
     config["torch_dtype"] = config["dtype"] = "bfloat16"
     write_json(staging.path("config.json"), config)
-    copied = []
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and name not in ("config.json", INDEX) and not name.endswith(".safetensors"):
-            with open(path, "rb") as fh:
-                atomic_write(staging.path(name), fh.read())
-            copied.append(name)
+    copied = staging.copy_side_files(src)
     marker = {"source": src, "dtype": "bfloat16", "files": {f: r["sha256"] for f, r in records.items()},
               "copied": copied, "seconds": round(time.time() - started, 2), "created": time.time()}
     staging.finalize(marker)

@@ -17,6 +17,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
 from clusterctl.errors import UserError
@@ -101,7 +103,7 @@ def architecture_map(model) -> dict:
         def contiguous(self, *args, **kwargs):  # keep views as views so offsets survive the conversion
             return self
 
-    views = {}
+    views: dict[str, list] = {}
     for source, tensor in wanted.items():
         probe = torch.empty(tensor.shape, device="meta").as_subclass(Probe)
         views[source] = []
@@ -148,10 +150,50 @@ def _fp32_patterns(layout: dict, dtype: str) -> list[str]:
     return layout["keep_fp32_strict"] + (layout["keep_fp32"] if dtype == "fp16" else [])
 
 
+GROUPED = re.compile(r"^(?P<experts>.*\.experts)\.groups\.(?P<group>\d+)\.(?P<param>[^.]+)$")
+
+
+def with_groups(layout: dict, names: Iterable[str]) -> dict:
+    """The map for a checkpoint trained with routed experts in groups (training/experts.py): fused
+    `X.experts.P [E, ...]` becomes `X.experts.groups.<g>.P [E/G, ...]` for the G groups that `names` (the
+    checkpoint's or an adapter's tensor names) hold, each output view moved to its group's tensor at the
+    same place within its expert.  Without grouped names the map is returned as it is."""
+    found: dict[str, set[int]] = {}
+    for name in names:
+        match = GROUPED.match(name)
+        if match and name not in layout["shapes"]:
+            found.setdefault(f"{match['experts']}.{match['param']}", set()).add(int(match["group"]))
+    if not found:
+        return layout
+    shapes, views = dict(layout["shapes"]), dict(layout["views"])
+    for fused, present in found.items():
+        if fused not in shapes:
+            continue                                  # _check_names names what is not in the model
+        groups, (experts, *inner) = max(present) + 1, shapes.pop(fused)
+        if experts % groups:
+            raise UserError(f"{groups} expert groups do not divide the {experts} experts of {fused}",
+                            fix="the checkpoint was not trained from this config.json")
+        block = experts // groups * math.prod(inner)
+        outputs = views.pop(fused)
+        prefix, _, param = fused.rpartition(".")
+        for g in range(groups):
+            source = f"{prefix}.groups.{g}.{param}"
+            shapes[source] = [experts // groups, *inner]
+            views[source] = [[out, offset - g * block, shape, stride] for out, offset, shape, stride in outputs
+                             if g * block <= offset < (g + 1) * block]
+            for out, offset, shape, stride in views[source]:
+                piece = Piece(out, source, offset, tuple(shape), tuple(stride), "float32")
+                if offset + piece.span > block:
+                    raise UserError(f"{out} spans two expert groups of {fused}",
+                                    fix="report the architecture; its experts are not stored one after another")
+    return {**layout, "shapes": shapes, "views": views}
+
+
 def plan(layout: dict, shapes: dict[str, tuple], stored_dtypes: dict[str, str], dtype: str,
-         aliases: set[str] = frozenset()) -> list[Piece]:
+         aliases: Set[str] = frozenset()) -> list[Piece]:
     """Output pieces in checkpoint order.  `shapes`/`stored_dtypes`: the checkpoint's tensors by name;
     `aliases`: names the checkpoint shares with another (tied weights), written once."""
+    layout = with_groups(layout, shapes)
     _check_names(layout["shapes"], shapes, set(aliases))
     keep_fp32 = _fp32_patterns(layout, dtype)
     pieces = [Piece(name, source, offset, tuple(shape), tuple(stride),

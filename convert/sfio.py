@@ -13,6 +13,8 @@ import queue
 import struct
 import threading
 
+from clusterctl.errors import UserError
+
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
                       "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
@@ -20,7 +22,8 @@ SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "f
 
 def header_bytes(entries: list[tuple[str, str, tuple, int]]) -> bytes:
     """The length prefix + JSON header for (name, torch dtype name, shape, nbytes) in file order."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for name, dtype, shape, nbytes in entries:
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
@@ -31,12 +34,33 @@ def header_bytes(entries: list[tuple[str, str, tuple, int]]) -> bytes:
 
 
 def read_header(path: str) -> dict:
-    """The JSON header of a safetensors file (no tensor data read)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    """The JSON header of a safetensors file (no tensor data read); a UserError naming the file when it is
+    missing, truncated or not safetensors."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"its header claims {n} bytes, the file holds {size}")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise UserError(f"cannot read it: {exc.strerror}", where=path) from None
+    except (struct.error, ValueError, RecursionError) as exc:
+        raise UserError(f"not a safetensors file ({str(exc)[:120] or type(exc).__name__})", where=path,
+                        fix="the file is truncated or damaged: write or download it again") from None
+    if not isinstance(header, dict) or not all(_is_entry(e) for k, e in header.items() if k != "__metadata__"):
+        raise UserError("not a safetensors header (each tensor needs dtype, shape and data_offsets)", where=path,
+                        fix="the file is damaged: write or download it again")
     header.pop("__metadata__", None)
     return header
+
+
+def _is_entry(entry: object) -> bool:
+    def ints(value: object, n: int | None = None) -> bool:
+        return isinstance(value, list) and (n is None or len(value) == n) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and ints(entry.get("shape")) and \
+        ints(entry.get("data_offsets"), 2)
 
 
 class _Drain:

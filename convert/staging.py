@@ -2,7 +2,8 @@
 
 Everything is written into `<out>.partial/`; finished shards are recorded (size + sha256) so a re-run after
 an interruption keeps them once re-hashed, and the folder becomes `<out>` by one rename after the marker
-is written.  A complete `<out>` is replaced only with --force.
+is written.  A complete `<out>` is replaced only with --force.  The checkpoint converter and the FP8 cast
+both write their Hugging Face folders through it: shards, index, config, side files, marker.
 """
 from __future__ import annotations
 
@@ -10,38 +11,19 @@ import json
 import os
 import shutil
 
+from clusterctl.atomic import MARKER, atomic_write_bytes, fsync_dir, is_complete
 from clusterctl.errors import UserError
 
-from .checkpoint import MARKER
 from .sfio import file_record
 
+INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _BOOK = ".clusterctl-partial"     # bookkeeping inside the staging folder; removed before the swap
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """tmp + fsync + rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_SMALL_FILES = 64 << 20           # room kept for config, tokenizer and index beside the shards
 
 
 def write_json(path: str, obj) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def is_complete(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, MARKER))
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 class Staging:
@@ -94,8 +76,32 @@ class Staging:
     def record(self, shard: str, rec: dict) -> None:
         write_json(self._record_path(shard), rec)
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.dir).free
+    def require_space(self, shard_bytes: int, *, discard: bool) -> None:
+        """Refuse before writing when the file system lacks room for `shard_bytes` and the small files
+        (`discard`: remove the staging folder then, when it holds nothing worth resuming)."""
+        need, free = shard_bytes + _SMALL_FILES, shutil.disk_usage(self.dir).free
+        if need > free:
+            if discard:
+                self.discard()
+            raise UserError(f"not enough disk space: the output needs {need / 2**30:.2f} GiB, "
+                            f"{free / 2**30:.2f} GiB free", where=self.dir,
+                            fix="free space or choose another output folder")
+
+    def write_index(self, weight_map: dict[str, str], total_size: int) -> None:
+        write_json(self.path(INDEX), {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+
+    def copy_side_files(self, src_dir: str, skip: tuple[str, ...] = ()) -> list[str]:
+        """generation_config, tokenizer and code files of `src_dir`: every plain file but config.json (the
+        caller writes its own), weights and `skip`. Returns the names copied."""
+        copied = []
+        for name in sorted(os.listdir(src_dir)):
+            src = os.path.join(src_dir, name)
+            if name == "config.json" or name in skip or name.endswith(WEIGHT_SUFFIXES) or not os.path.isfile(src):
+                continue
+            with open(src, "rb") as f:
+                atomic_write_bytes(self.path(name), f.read())
+            copied.append(name)
+        return copied
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -103,8 +109,7 @@ class Staging:
     def finalize(self, marker: dict) -> None:
         """Marker last, then one rename makes `<out>` appear complete (an old complete one is replaced)."""
         shutil.rmtree(self.book)
-        write_json(self.path(MARKER), marker)
-        fsync_dir(self.dir)
+        write_json(self.path(MARKER), marker)          # also makes the folder's names durable
         old = None
         if os.path.exists(self.out):
             old = f"{self.out}.old-{os.getpid()}"

@@ -9,16 +9,15 @@ on its EXIT trap, so the swap file goes away however the job ends.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
 import sys
 
-import click
-
 from clusterctl.errors import UserError
 
-from .units import parse_size
+from .units import at_least, parse_size
 
 MIB = 1 << 20
 BASE_PER_PROCESS = 1536 * MIB     # python + torch + transformers, measured at ~0.5 GiB: generous
@@ -116,47 +115,46 @@ def down(path: str) -> None:
         os.unlink(path)
 
 
-@click.group()
-def cli():
-    """Swap provisioning for the convert job."""
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clusterctl.convert.swap",
+                                description="Swap provisioning for the convert job.")
+    sub = p.add_subparsers(dest="action", required=True)
+    up_ = sub.add_parser("up", help="Create a swap file of the deficit between what the conversion needs and "
+                                    "what the node has.")
+    up_.add_argument("--file", dest="path", required=True, help="The swap file to create (its folder must exist).")
+    up_.add_argument("--checkpoint", help="The checkpoint to be converted (to size the need).")
+    up_.add_argument("--engine", choices=["clusterctl", "xtuner"], default="clusterctl")
+    up_.add_argument("--dtype", default="bf16")
+    up_.add_argument("--workers", type=at_least(1), default=1)
+    up_.add_argument("--need", type=parse_size,
+                     help="Use this memory need (e.g. 3TB) instead of estimating it from the checkpoint.")
+    down_ = sub.add_parser("down", help="Disable and remove the swap file (safe to call when there is none).")
+    down_.add_argument("--file", dest="path", required=True)
+    return p
 
 
-@cli.command("up")
-@click.option("--file", "path", required=True, help="The swap file to create (its folder must exist).")
-@click.option("--checkpoint", help="The checkpoint to be converted (to size the need).")
-@click.option("--engine", type=click.Choice(["clusterctl", "xtuner"]), default="clusterctl", show_default=True)
-@click.option("--dtype", default="bf16", show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True)
-@click.option("--need", help="Use this memory need (e.g. 3TB) instead of estimating it from the checkpoint.")
-def cli_up(path, checkpoint, engine, dtype, workers, need):
-    """Create a swap file of the deficit between what the conversion needs and what the node has."""
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     try:
-        if need is None and checkpoint is None:
+        if a.action == "down":
+            down(a.path)
+            return 0
+        if a.need is None and a.checkpoint is None:
             raise UserError("give --checkpoint (to estimate the need) or --need", where="swap up")
-        need_b = parse_size(need) if need else need_bytes(checkpoint, engine, dtype, workers)
+        need_b = a.need if a.need is not None else need_bytes(a.checkpoint, a.engine, a.dtype, a.workers)
         have = available_bytes()
         if need_b <= have:
-            click.echo(f"[swap] no swap needed: the {engine} conversion needs {need_b / 2**30:.2f} GiB, "
-                       f"{have / 2**30:.2f} GiB available", err=True)
-            return
-        size = up(path, need_b - have)
-        click.echo(f"[swap] {path}: {size} bytes of swap enabled (need {need_b / 2**30:.2f} GiB, "
-                   f"available {have / 2**30:.2f} GiB)", err=True)
+            print(f"[swap] no swap needed: the {a.engine} conversion needs {need_b / 2**30:.2f} GiB, "
+                  f"{have / 2**30:.2f} GiB available", file=sys.stderr)
+            return 0
+        size = up(a.path, need_b - have)
+        print(f"[swap] {a.path}: {size} bytes of swap enabled (need {need_b / 2**30:.2f} GiB, "
+              f"available {have / 2**30:.2f} GiB)", file=sys.stderr)
+        return 0
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-
-@cli.command("down")
-@click.option("--file", "path", required=True)
-def cli_down(path):
-    """Disable and remove the swap file (safe to call when there is none)."""
-    try:
-        down(path)
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())

@@ -16,6 +16,7 @@ from clusterctl.errors import UserError
 
 from .layout import DTYPES
 from .sfio import SAFETENSORS_DTYPES, read_header
+from .tensors import reference_extract
 
 PROMPT = "The trained model and its converted copy must agree on every logit of this sentence."
 
@@ -52,9 +53,7 @@ def check_bytes(folder: str, ck, pieces, weight_map: dict[str, str]) -> None:
     import torch
     from safetensors import safe_open
 
-    from .core import reference_extract
-
-    by_shard = {}
+    by_shard: dict[str, list] = {}
     for p in pieces:
         by_shard.setdefault(weight_map[p.name], []).append(p)
     for shard, ps in by_shard.items():
@@ -70,6 +69,18 @@ def _available_bytes() -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
+def regroup_like(model, ck) -> None:
+    """The reference model with its routed experts in the groups the checkpoint was trained with
+    (training/experts.py), so its state-dict names are the checkpoint's."""
+    from clusterctl.training.experts import regroup
+
+    from .layout import GROUPED
+
+    groups = {int(m["group"]) for m in map(GROUPED.match, ck.params) if m}
+    if groups:
+        regroup(model, max(groups) + 1)
+
+
 def check_logits(folder: str, ck, dtype: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +91,7 @@ def check_logits(folder: str, ck, dtype: str) -> dict:
     if problems:
         raise _fail(folder, f"transformers reports {problems}")
     ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch_dtype)
+    regroup_like(ref, ck)
     with torch.no_grad():
         for name, tensor in ref.state_dict().items():
             tensor.copy_(ck.read(name).view(tensor.shape))

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from clusterctl import modelconfig
 from clusterctl.errors import ConfigError, UserError
+
+# vLLM's CPU build: no CUDA graphs to capture, and its compiled rotary-embedding op rotates only the first head
+# of a [tokens, heads, dim] query (MLA's q_pe on DeepSeek models): the other heads attend with unrotated
+# positions and the served model answers unlike transformers. vLLM's PyTorch rotary path is exact.
+CPU_SERVE_FLAGS = ("--enforce-eager", "--compilation-config", '{"custom_ops": ["-rotary_embedding"]}')
 
 # Reasoning-parser flags by vLLM release: (first version, flags before the parser name).
 _REASONING_SINCE = (0, 7, 1)             # --enable-reasoning --reasoning-parser NAME introduced
@@ -86,8 +92,9 @@ def check_parallel(tensor_parallel: int, pipeline_parallel: int, *, gpus_per_nod
                           where=at_pp, fix="set pipeline_parallel: 1 (or 0) for CPU-only clusters")
     if not model_config:
         return
-    text = model_config.get("text_config", model_config)
-    heads, layers = text.get("num_attention_heads"), text.get("num_hidden_layers")
+    text = modelconfig.text_config(model_config, "the model's config.json")
+    heads, layers = (modelconfig.count(text, key, "the model's config.json", default=0)
+                     for key in ("num_attention_heads", "num_hidden_layers"))
     if heads and heads % tensor_parallel:
         divisors = [d for d in range(1, heads + 1) if heads % d == 0]
         raise ConfigError(f"tensor_parallel {tensor_parallel} does not divide the model's {heads} attention heads",
@@ -102,18 +109,21 @@ def read_model_config(model_dir: str | Path) -> dict | None:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}", fix="re-run the convert stage") from error
+    return modelconfig.read(path, fix="correct the model folder's config.json (when the folder is the convert "
+                                      "stage's output, re-run that stage)")
+
+
+def has_api_key(args) -> bool:
+    """An API key on vLLM's command line (checked at submit and again here, on the node)."""
+    return any(arg == "--api-key" or arg.startswith("--api-key=") for arg in args)
 
 
 def serve_args(model: str, *, served_model_name: str, host: str, port: int, tensor_parallel: int = 1,
                pipeline_parallel: int = 1, executor: str = "", max_model_len: int = 0,
-               reasoning_parser: str = "", trust_remote_code: bool = False,
-               extra_args: list[str] = (), version: str) -> list[str]:
+               reasoning_parser: str = "", trust_remote_code: bool = False, cpu: bool = False,
+               extra_args: Sequence[str] = (), version: str) -> list[str]:
     """The arguments after `vllm serve`. The API key is not among them: vLLM reads VLLM_API_KEY."""
-    if any(arg == "--api-key" or arg.startswith("--api-key=") for arg in extra_args):
+    if has_api_key(extra_args):
         raise ConfigError("an API key on the command line is visible to every user of the node",
                           where="deploy.extra_args", fix="put the key in a file and set deploy.api_key_file")
     args = [model, "--host", host, "--port", str(port)]
@@ -130,6 +140,8 @@ def serve_args(model: str, *, served_model_name: str, host: str, port: int, tens
     if trust_remote_code:
         args.append("--trust-remote-code")
     args += reasoning_flags(reasoning_parser, version)
+    if cpu:
+        args += CPU_SERVE_FLAGS
     return args + list(extra_args)
 
 
@@ -161,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         args = serve_args(options.model, served_model_name=options.served_model_name, host=options.host,
                           port=options.port, tensor_parallel=tp, pipeline_parallel=pp, executor=executor,
                           max_model_len=options.max_model_len, reasoning_parser=options.reasoning_parser,
-                          trust_remote_code=options.trust_remote_code, extra_args=extra,
+                          trust_remote_code=options.trust_remote_code, cpu=options.gpus_per_node == 0,
+                          extra_args=extra,
                           version=installed_vllm_version())
     except UserError as error:
         print(f"vllm_args: {error}", file=sys.stderr)

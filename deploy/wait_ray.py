@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def node_name(rank: int) -> str:
@@ -44,14 +45,14 @@ class RayProbe:
     def __init__(self, address: str):
         host, _, port = address.rpartition(":")
         self.address, self.host, self.port = address, host, int(port)
-        self.client = None
+        self.client: Any = None             # ray._raylet.GcsClient once the GCS answers
 
     def alive_nodes(self) -> list[RayNode] | None:
         """None while the GCS does not answer (not started yet, or restarting)."""
         if self.client is None:
             if not gcs_listening(self.host, self.port):
                 return None
-            from ray._raylet import GcsClient   # Ray's own CLI (`ray status`) reads the GCS this way
+            from ray._raylet import GcsClient  # Ray's own CLI (`ray status`) reads the GCS this way
             self.client = GcsClient(address=self.address)
         from ray.core.generated.gcs_pb2 import GcsNodeInfo
         try:
@@ -101,6 +102,7 @@ def wait(address: str, *, nodes: int, gpus: int = 0, timeout: float, state_dir: 
         alive = probe.alive_nodes()
         problem = missing_report(nodes, gpus, alive, state_dir)
         if not problem:
+            assert alive is not None        # a Ray that did not answer is a problem
             listing = ", ".join(f"{n.name}@{n.address}" for n in sorted(alive, key=lambda n: n.name))
             print(f"[wait_ray] Ray at {address} is ready after {time.monotonic() - started:.1f} s: "
                   f"{nodes} nodes ({listing}), {sum(n.gpus for n in alive):g} GPUs", file=out, flush=True)

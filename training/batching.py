@@ -9,8 +9,8 @@ block-diagonal causal mask: samples never attend to each other.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -26,7 +26,9 @@ def epoch_steps(samples: list[Sample], *, epoch: int, seed: int, rows_per_step: 
     rng = random.Random(seed * 100_003 + epoch)
     rng.shuffle(order)
     if packing:
-        rows, current, used = [], [], 0
+        rows: list[list[int]] = []
+        current: list[int] = []
+        used = 0
         for i in order:
             n = len(samples[i].input_ids)
             if current and used + n > max_length:

@@ -8,25 +8,31 @@ tokenizers hold as single tokens. Labels are -100 except on assistant turns whos
 default): their answer, reasoning and end-of-sentence token. Over-long samples are truncated, never
 dropped, unless truncation leaves nothing to train on. Every problem is found before training starts,
 reported with its line number.
+
+That is the `deepseek` format of training/formats.py; other models train in their own chat template
+(formats.TemplateFormat). The trainer reads tokens from the data cache (training/datacache.py).
 """
 from __future__ import annotations
 
 import json
-import statistics
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
-from clusterctl.errors import UserError
-from clusterctl.training.config import BUILTIN_TINY_DATA, BUILTIN_TINY_MODEL
+import numpy as np
 
-USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+from clusterctl.errors import UserError
+from clusterctl.training.config import BUILTIN_DATA_FILES, BUILTIN_TINY_MODEL
+from clusterctl.training.formats import ASSISTANT, USER, assistant_text, choose_format
+
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 SHIPPED_DATA = Path(__file__).with_name("data") / "tiny_reasoning.jsonl"
 
 
 def resolve_data_path(data: str) -> Path:
-    return SHIPPED_DATA if data == BUILTIN_TINY_DATA else Path(data)
+    return SHIPPED_DATA.with_name(BUILTIN_DATA_FILES[data]) if data in BUILTIN_DATA_FILES else Path(data)
 
 
 def load_tokenizer(model: str):
@@ -62,28 +68,50 @@ class Sample:
 
 
 def read_records(path: Path) -> list[Record]:
-    """Conversations of a JSONL file (a list of messages or {"messages": [...]} per line) or a JSON array."""
+    """Conversations of a JSONL file (a list of messages or {"messages": [...]} per line) or a JSON array.
+
+    Lines end at "\n" only: U+2028, U+2029 and U+0085 are valid inside JSON strings (str.splitlines would
+    cut a conversation there). Undecodable bytes and over-deep nesting are reported by line, like bad JSON.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read the data set: {exc.strerror}", where=str(path),
                         fix="give a JSONL file of conversations (see `clusterctl data check --help`)") from exc
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        whole = None
+    whole = _parse_whole(raw)
     if isinstance(whole, list) and all(isinstance(c, list) or (isinstance(c, dict) and "messages" in c)
                                        for c in whole) and not _is_message_list(whole):
         return [_record(f"item {i + 1}", conv) for i, conv in enumerate(whole)]
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_record(f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            records.append(Record(f"line {number}", None, f"not JSON: {exc.msg} at column {exc.colno}"))
-    return records
+    return [line_record(f"line {number}", line) for number, line in enumerate(raw.split(b"\n"), 1)
+            if line.strip()]
+
+
+def _parse_whole(raw: bytes) -> object:
+    """The file as one JSON document (the JSON-array form), or None when it is not one."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+
+
+def line_record(where: str, line: bytes) -> Record:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Record(where, None, f"not UTF-8: byte {exc.start + 1} of the line (0x{line[exc.start]:02x}) cannot be "
+                      "decoded (save the file as UTF-8)")
+    try:
+        return _record(where, json.loads(text))
+    except json.JSONDecodeError as exc:
+        return Record(where, None, json_error(exc))
+    except RecursionError:
+        return Record(where, None, "not a conversation: JSON nested too deeply")
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """'not JSON: Expecting value at column 3'; json's own messages may end in "at" ("Unterminated
+    string starting at"), which must not read "at at column"."""
+    return f"not JSON: {exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"
 
 
 def _is_message_list(value: list) -> bool:
@@ -134,50 +162,16 @@ def validate(messages: list) -> str | None:
     return None
 
 
-@dataclass
 class ChatFormat:
-    """The tokenizer's pieces of the training format; `render` turns one conversation into a Sample."""
-    tokenizer: object
-    bos: list[int] = field(init=False)
-    eos: list[int] = field(init=False)
+    """Renders one conversation into a Sample, in the format `formats.choose_format` picks for the tokenizer."""
 
-    def __post_init__(self):
-        tok = self.tokenizer
-        if tok.eos_token_id is None:
-            raise UserError("the tokenizer has no end-of-sentence token", where="tokenizer_config.json",
-                            fix="set eos_token in the model folder's tokenizer_config.json")
-        self.bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        self.eos = [tok.eos_token_id]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    def __init__(self, tokenizer):
+        self.format = choose_format(tokenizer)
 
     def render(self, where: str, messages: list, max_length: int) -> Sample:
-        ids: list[int] = []
-        labels: list[int] = []
-
-        def add(piece: list[int], trained: bool) -> None:
-            ids.extend(piece)
-            labels.extend(piece if trained else [IGNORE] * len(piece))
-
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        add(self.bos + self.encode(system), False)
-        for m in messages:
-            if m["role"] == "user":
-                add(self.encode(USER + m["content"]), False)
-            elif m["role"] == "assistant":
-                add(self.encode(ASSISTANT), False)
-                add(self.encode(assistant_text(m)) + self.eos, m.get("loss", True))
-        full = len(ids)
-        return Sample(where, ids[:max_length], labels[:max_length], full)
-
-
-def assistant_text(message: dict) -> str:
-    """The answer as DeepSeek-R1 writes it: reasoning inside <think> before the answer."""
-    reasoning = message.get("reasoning_content")
-    if reasoning is None:
-        return message["content"]
-    return f"<think>\n{reasoning}\n</think>\n\n{message['content']}"
+        ((ids, mask),) = self.format.render_many([messages])
+        labels = [t if trained else IGNORE for t, trained in zip(ids, mask)]
+        return Sample(where, ids[:max_length], labels[:max_length], len(ids))
 
 
 def render_text(messages: list, bos: str, eos: str) -> str:
@@ -192,61 +186,35 @@ def render_text(messages: list, bos: str, eos: str) -> str:
     return "".join(parts)
 
 
-def tokenize(records: list[Record], tokenizer, max_length: int) -> tuple[list[Sample], list[Sample]]:
-    """(kept, dropped): samples left with no trained token after truncation are dropped."""
-    fmt = ChatFormat(tokenizer)
-    kept, dropped = [], []
-    for record in records:
-        if record.messages is not None:
-            sample = fmt.render(record.where, record.messages, max_length)
-            (kept if sample.trained_tokens else dropped).append(sample)
-    return kept, dropped
+def load_dataset(data: str, tokenizer, max_length: int, *, cache_dir: Path | None = None,
+                 workers: int = 1) -> Sequence[Sample]:
+    """All trainable samples, or a UserError naming every bad line before training starts. With
+    `cache_dir`, the samples come from the data cache (built once, memory-mapped: datacache.ensure);
+    without, they are tokenized here, in memory, by the same code."""
+    from clusterctl.training import datacache
 
-
-def load_dataset(data: str, tokenizer, max_length: int) -> list[Sample]:
-    """All trainable samples, or a UserError naming every bad line before training starts."""
     path = resolve_data_path(data)
-    records = read_records(path)
-    bad = [r for r in records if r.error]
-    kept, dropped = tokenize(records, tokenizer, max_length)
-    problems = [f"{r.where}: {r.error}" for r in bad] + [
-        f"{s.where}: {s.full_length} tokens; truncated to max_length {max_length}, no trained token is left"
-        for s in dropped]
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise UserError(f"{len(problems)} conversation(s) cannot be trained on:\n  {shown}", where=str(path),
-                        fix=f"fix or remove them (`clusterctl data check {path} --model MODEL` lists them all)")
-    if not kept:
-        raise UserError("the data set holds no conversation", where=str(path))
-    return kept
+    if cache_dir is not None:
+        return datacache.require_trainable(datacache.ensure(path, tokenizer, max_length, cache_dir, workers=workers))
+    parts: list = []
+    report = datacache.scan(path, choose_format(tokenizer), max_length, workers=workers,
+                            sink=lambda part, offset: parts.append(part))
+    error = datacache.problems_error(report)
+    if error is not None:
+        raise error
+    kind, samples = report["where_kind"], []
+    for part in parts:
+        bounds = np.concatenate([[0], np.cumsum(part.lengths)])
+        for i, (a, b) in enumerate(pairwise(bounds)):
+            ids = part.tokens[a:b].tolist()
+            labels = np.where(part.trained[a:b].astype(bool), part.tokens[a:b], IGNORE).tolist()
+            samples.append(Sample(f"{kind} {int(part.where[i])}", ids, labels, int(part.full[i])))
+    return samples
 
 
-def check_dataset(path: str | Path, tokenizer, max_length: int) -> dict:
-    """The `clusterctl data check` report; `ok` is false when anything would be dropped."""
-    path = resolve_data_path(str(path))
-    records = read_records(path)
-    kept, dropped = tokenize(records, tokenizer, max_length)
-    lengths = sorted(s.full_length for s in kept + dropped)
-    truncated = [s for s in kept if s.full_length > max_length]
-    errors = [{"where": r.where, "reason": r.error} for r in records if r.error]
-    return {
-        "file": str(path),
-        "max_length": max_length,
-        "conversations": len(records),
-        "trainable": len(kept),
-        "errors": errors,
-        "truncated": [{"where": s.where, "tokens": s.full_length,
-                       "action": f"truncated to {max_length} tokens ({s.trained_tokens} trained tokens kept)"}
-                      for s in truncated],
-        "dropped": [{"where": s.where, "tokens": s.full_length,
-                     "reason": f"truncated to {max_length} tokens, no trained token is left"} for s in dropped],
-        "tokens": {
-            "total": sum(len(s.input_ids) for s in kept),
-            "trained": sum(s.trained_tokens for s in kept),
-            "min": lengths[0] if lengths else 0,
-            "max": lengths[-1] if lengths else 0,
-            "mean": round(statistics.fmean(lengths), 1) if lengths else 0,
-            "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))] if lengths else 0,
-        },
-        "ok": bool(kept) and not errors and not dropped,
-    }
+def check_dataset(path: str | Path, tokenizer, max_length: int, *, workers: int = 1) -> dict:
+    """The `clusterctl data check` report (the cache builder's own scan); `ok` is false when anything
+    would be dropped. `format` says how conversations are rendered for this tokenizer."""
+    from clusterctl.training import datacache
+
+    return datacache.check(resolve_data_path(str(path)), tokenizer, max_length, workers=workers)

@@ -10,7 +10,7 @@ layout) + `clusterctl-complete.json`, written after every rank finished; `<outpu
 Preemption: on SIGUSR2 (Slurm `--signal=USR2@SECONDS`) every rank finishes the current optimizer
 step, a checkpoint is saved, `<output_dir>/preempted.json` is written and the process exits with
 PREEMPTED_EXIT_CODE (75, EX_TEMPFAIL): "stopped cleanly, requeue me". torchrun itself reports any
-non-zero child as 1, so batch scripts should test for preempted.json rather than the exit code.
+non-zero child as 1, so the Slurm batch script reads preempted.json (what it logs on requeue), not the exit code.
 """
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ import signal
 import sys
 import time
 import warnings
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
 from clusterctl.atomic import atomic_write_text
 from clusterctl.errors import UserError
 from clusterctl.training import checkpoint as ckpt
+from clusterctl.training import deepspeed_ops, evaluation, watchdog
 from clusterctl.training.config import BUILTIN_TINY_MODEL, TrainConfig
+from clusterctl.training.loss import install as install_chunked_loss
 
 PREEMPTED_EXIT_CODE = 75
 PREEMPTED_FILE = "preempted.json"
@@ -105,6 +108,7 @@ def build_optimizer(cfg: TrainConfig, params):
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     if cfg.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+        deepspeed_ops.announce_build("cpu_adam")
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     import torch
     return torch.optim.AdamW(params, **kwargs)
@@ -118,7 +122,10 @@ class Trainer:
 
         self.cfg = cfg
         on_gpu = torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        deepspeed_ops.skip_unused_ops()
+        # A collective that never returns fails the rank after collective_timeout_s, naming the operation.
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                                   timeout=timedelta(seconds=cfg.collective_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         sp = cfg.sequence_parallel
         if self.world % sp:
@@ -143,10 +150,17 @@ class Trainer:
 
         from clusterctl.training.batching import epoch_steps
         from clusterctl.training.data import load_dataset
+        from clusterctl.training.datacache import training_samples
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
-        self.samples = load_dataset(cfg.data, self.tokenizer, cfg.max_length)
+        self.samples = training_samples(cfg.data, self.tokenizer, cfg.max_length, cfg.output_dir, self.rank,
+                                         cfg.data_cache_dir)
+        self.samples, self.eval_samples = evaluation.split(
+            self.samples, cfg, lambda path: load_dataset(path, self.tokenizer, cfg.max_length))
+        if evaluation.evaluates(cfg) and not self.eval_samples:
+            raise UserError(f"no conversation left to evaluate on ({len(self.samples)} in the data set)",
+                            where="train.json.eval_ratio", fix="add data, or give an eval file (eval_data)")
         self.rows_per_step = self.dp_size * cfg.micro_batch
         self.batching = dict(seed=cfg.seed, rows_per_step=self.rows_per_step, max_length=cfg.max_length,
                              packing=cfg.packing)
@@ -164,6 +178,8 @@ class Trainer:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
+        from clusterctl.training.lora import load_options
+
         cfg = self.cfg
         self.sp_group, attention = None, "sdpa"
         heads = json.loads((self.base / "config.json").read_text()).get("num_attention_heads", 0)
@@ -177,16 +193,30 @@ class Trainer:
         # ZeRO-3: this object must be alive during from_pretrained so weights load partitioned (zero.Init).
         self._hf_ds = HfDeepSpeedConfig(ds_config) if cfg.zero_stage == 3 else None
         model = AutoModelForCausalLM.from_pretrained(
-            self.base, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, attn_implementation=attention)
+            self.base, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, attn_implementation=attention,
+            **load_options(cfg))
         model.config.use_cache = False
+        self._regroup_experts(model, ds_config)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+        self.loss_head = install_chunked_loss(model, model.config.vocab_size)
+        if cfg.method != "full":
+            from clusterctl.training.lora import attach
+            model = attach(model, cfg, self.output_dir, self.rank)
         warmup = math.ceil(cfg.warmup_ratio * self.max_steps)
         schedule = partial(lr_factor, total=self.max_steps, warmup=warmup, min_ratio=cfg.min_lr_ratio)
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(cfg, model.parameters()),
+            model=model, optimizer=build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad]),
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule), config=ds_config)
+
+    def _regroup_experts(self, model, ds_config: dict) -> None:
+        """Routed experts in bounded groups, so ZeRO-3 never gathers a whole layer's (training/experts.py)."""
+        from clusterctl.training import experts
+
+        groups = experts.groups_for(model.config, self.cfg.expert_groups)
+        if experts.regroup(model, groups, ds_config) and self.rank == 0:
+            print(f"[sft] routed experts gathered in {groups} groups per MoE layer", flush=True)
 
     def _resume(self) -> int:
         import torch.distributed as dist
@@ -201,7 +231,8 @@ class Trainer:
             raise UserError(f"checkpoint {tag} was written by {info.get('world_size')} ranks, this run has "
                             f"{self.world}", where=str(self.output_dir / tag),
                             fix="resume with the same nodes x GPUs per node, or start a new output_dir")
-        _, client = self.engine.load_checkpoint(str(self.output_dir), tag=tag)
+        _, client = self.engine.load_checkpoint(str(self.output_dir), tag=tag,   # adapter-only under LoRA
+                                                load_module_strict=self.cfg.method == "full")
         # The restored lr is the old schedule's; recompute it so a changed max_steps/lr applies at once.
         scheduler = self.engine.lr_scheduler
         scheduler.base_lrs = [self.cfg.lr] * len(scheduler.base_lrs)
@@ -217,20 +248,24 @@ class Trainer:
         if self.rank == 0:  # a marker left by an earlier run must not bless half-overwritten files
             (self.output_dir / tag / ckpt.MARKER).unlink(missing_ok=True)
         dist.barrier()
+        lora = self.cfg.method != "full"
         self.engine.save_checkpoint(str(self.output_dir), tag=tag, client_state={"step": step},
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=lora)
+        if lora:
+            from clusterctl.training.lora import save_adapter
+            save_adapter(self.engine.module, self.output_dir / tag / "adapter", self.rank)
         dist.barrier()
         if self.rank == 0:
-            ckpt.publish(self.output_dir, tag, {"step": step, "world_size": self.world,
+            ckpt.publish(self.output_dir, tag, {"step": step, "eval_loss": self.last_eval_loss, "world_size": self.world,
                                                 "zero_stage": self.cfg.zero_stage,
-                                                "sequence_parallel": self.sp, "format": "deepspeed"})
-            ckpt.prune(self.output_dir, self.cfg.save_total_limit)
+                                                "sequence_parallel": self.sp, "format": "deepspeed",
+                                                "method": self.cfg.method})
+            ckpt.prune(self.output_dir, self.cfg.save_total_limit,
+                       protect=evaluation.best_tag(self.output_dir) if self.cfg.select == "best" else None)
         dist.barrier()
 
     def _micro_step(self, rows) -> tuple:
         """Forward + backward of this rank's rows; returns (token-loss sum, label count, real tokens)."""
-        import torch.nn.functional as F
-
         from clusterctl.training import ulysses
         from clusterctl.training.batching import collate
         from clusterctl.training.data import IGNORE
@@ -243,9 +278,8 @@ class Trainer:
         if self.sp > 1:
             tensors = [ulysses.shard(t, self.sp_rank, self.sp) for t in tensors]
         ids, pos, labels = (t.to(self.engine.device) for t in tensors)
-        logits = self.engine(input_ids=ids, position_ids=pos).logits
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                   reduction="sum")
+        with self.loss_head.loss_for(labels):      # chunked: never the full [tokens x vocab] logits (loss.py)
+            loss_sum = self.engine(input_ids=ids, position_ids=pos).logits
         count = (labels != IGNORE).sum()
         self.engine.backward(loss_sum * ulysses.loss_scale(count, self.sp_group, self.sp))
         self.engine.step()
@@ -258,11 +292,20 @@ class Trainer:
 
         from clusterctl.training.batching import stream
         from clusterctl.training.metrics import Metrics
+        from clusterctl.training.tracking import open_trackers
 
         cfg = self.cfg
         preemption = Preemption()
         step = self._resume()
-        metrics = Metrics(cfg.metrics_file, cfg.tensorboard_dir, resume_step=step) if self.rank == 0 else None
+        watchdog.beat(step, "start")      # the node's watchdog starts its clock here (after model load)
+        tensorboard = cfg.tensorboard_dir if "tensorboard" in cfg.report_to else ""
+        metrics = Metrics(cfg.metrics_file, tensorboard, resume_step=step) if self.rank == 0 else None
+        trackers = open_trackers(cfg) if self.rank == 0 else None
+        self.last_eval_loss = None
+        if step == 0 and evaluation.evaluates(cfg):      # the baseline a deploy gate can compare with
+            self.last_eval_loss = evaluation.eval_loss(self)
+            if metrics:
+                trackers.log(metrics.log_eval(step=0, max_steps=self.max_steps, eval_loss=self.last_eval_loss))
         micro_steps = stream(self.samples, skip=step * cfg.grad_accum, **self.batching)
         preempted = False
         while step < self.max_steps and not preempted:
@@ -276,16 +319,26 @@ class Trainer:
             stats[3] = float(preemption.requested)
             dist.all_reduce(stats)
             step += 1
+            watchdog.beat(step)
             preempted = bool(stats[3] > 0)
+            tokens_per_s = stats[2].item() / (time.time() - started)
+            evaluated = evaluation.due(cfg, step, self.max_steps)
+            self.last_eval_loss = evaluation.eval_loss(self) if evaluated else None   # the checkpoint's
             if metrics:
                 grad_norm = self.engine.get_global_grad_norm()
-                metrics.log(step=step, max_steps=self.max_steps, loss=(stats[0] / stats[1].clamp(min=1)).item(),
-                            lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                            tokens_per_s=stats[2].item() / (time.time() - started))
+                record = metrics.log(step=step, max_steps=self.max_steps,
+                                     loss=(stats[0] / stats[1].clamp(min=1)).item(), lr=lr,
+                                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                                     tokens_per_s=tokens_per_s,
+                                     **({"eval_loss": self.last_eval_loss} if evaluated else {}))
+                trackers.log(record)
             if step % cfg.save_steps == 0 or step == self.max_steps or preempted:
                 self._save(step)
         if metrics:
             metrics.close()
+            trackers.close()
+        if self.rank == 0 and cfg.select == "best" and step == self.max_steps:
+            print(f"select: best: convert takes {evaluation.point_latest_at_best(self.output_dir)}", flush=True)
         if preempted and self.rank == 0:
             atomic_write_text(self.output_dir / PREEMPTED_FILE,
                               json.dumps({"step": step, "tag": ckpt.tag_for(step), "time": time.time()}) + "\n")
@@ -316,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.output_dir:
         raise UserError("output_dir is empty", where=f"{args.config}.output_dir", fix="set the checkpoint folder")
     try:
-        return Trainer(cfg).run()
+        with watchdog.noting_failures():
+            code = Trainer(cfg).run()
+        watchdog.beat(watchdog.last_step(), watchdog.DONE)
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

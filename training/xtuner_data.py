@@ -31,7 +31,8 @@ def convert(source: str, target: str) -> int:
     if bad:
         raise UserError(f"{len(bad)} conversation(s) cannot be trained on:\n  " + "\n  ".join(bad), where=str(path),
                         fix=f"fix them (`clusterctl data check {path}` lists them all)")
-    lines = [json.dumps({"messages": [recipe_message(m) for m in r.messages]}, ensure_ascii=False) for r in records]
+    lines = [json.dumps({"messages": [recipe_message(m) for m in r.messages]}, ensure_ascii=False) for r in records
+             if r.messages is not None]     # all of them: any bad record was refused above
     atomic_write_text(target, "".join(line + "\n" for line in lines))
     return len(lines)
 

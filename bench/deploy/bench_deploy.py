@@ -198,7 +198,7 @@ def main() -> None:
             print(f"round {i + 1}/{options.repeat} ...", flush=True)
             then = (lambda url: load_numbers(url, options.requests, options.concurrency, load)) if i == 0 else None
             pair = [lambda: measure(results, "hand1", by_hand_one_node, model),
-                    lambda: measure(results, "ours1", clusterctl_one_node, model, work, then=then)]
+                    lambda then=then: measure(results, "ours1", clusterctl_one_node, model, work, then=then)]
             if not options.skip_two_nodes:
                 pair += [lambda: measure(results, "hand2", by_hand_two_nodes, model),
                          lambda: measure(results, "ours2", clusterctl_two_nodes, model, work)]

@@ -3,9 +3,9 @@
 import os
 import sys
 
-from clusterctl.training.sft import exit_now, main
-
 from peak_rss import write_peak_rss
+
+from clusterctl.training.sft import exit_now, main
 
 if __name__ == "__main__":
     code = main(["--config", sys.argv[1]])

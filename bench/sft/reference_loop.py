@@ -10,6 +10,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from peak_rss import write_peak_rss
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -17,8 +18,6 @@ from clusterctl.training.batching import collate, stream
 from clusterctl.training.config import TrainConfig
 from clusterctl.training.data import IGNORE, load_dataset
 from clusterctl.training.sft import build_optimizer, exit_now, runtime_ds_config
-
-from peak_rss import write_peak_rss
 
 
 def main() -> None:

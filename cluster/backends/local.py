@@ -1,13 +1,10 @@
 """The local backend: each "node" is a process group on this machine (laptops, CI, the tests)."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import time
 
 from clusterctl.backends.base import NodeProcess, SupervisedBackend
-from clusterctl.procs import processes_with_env
+from clusterctl.procs import Identity, processes_with_env, stop_processes
 from clusterctl.run import Run
 
 
@@ -21,8 +18,9 @@ class LocalNode(NodeProcess):
 
 class LocalBackend(SupervisedBackend):
     name = "local"
+    follows_in_foreground = True   # the embedded default: nothing else would show its progress
 
-    def hosts(self, nodes: int) -> list[str]:
+    def hosts(self, nodes: int) -> list[str | None]:
         return ["localhost"] * nodes
 
     def master_addr(self, hosts) -> str:
@@ -37,30 +35,31 @@ class LocalBackend(SupervisedBackend):
                                        cwd=run.dir)
         return LocalNode(process)
 
-    def kill_node(self, run: Run, stage: str, rank: int, host, grace: float = 10.0) -> None:
+    def kill_node(self, run: Run, stage: str, rank: int, host, grace: float = 10.0) -> str:
         """TERM the node's group and every process that carries its identity, KILL what outlives the grace."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-            pids = _node_processes(run, stage, rank)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + wait
-            while pids and time.time() < deadline:
-                pids = _node_processes(run, stage, rank)
-                time.sleep(0.1)
-            if not pids:
-                return
+        pgid, refused = node_group(run, stage, rank)
+        stop_processes(lambda: _node_processes(run, stage, rank, pgid), grace)
+        return refused
 
 
-def _node_processes(run: Run, stage: str, rank: int) -> list[int]:
-    """Processes of one node: its process group plus any descendant that left the group (same env)."""
-    pid_file = run.node_marker(stage, rank, "pid")
+def node_group(run: Run, stage: str, rank: int) -> tuple[int | None, str]:
+    """(the node's process group if its pid marker names one of ours still running, why it was refused)."""
+    path = run.node_marker(stage, rank, "pid")
     try:
-        pgid = int(pid_file.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        pgid = None
+        text = path.read_text()
+    except OSError:
+        return None, ""
+    identity = Identity.from_pid_file(text)
+    if identity is None:
+        return None, f"{path} does not say which process it is (pgid, host, boot id, start time): not signalled"
+    if identity.running():
+        return identity.pid, ""
+    refusal = identity.refusal(f"node {rank} of {stage}")
+    return None, f"{path}: {refusal}" if refusal else ""
+
+
+def _node_processes(run: Run, stage: str, rank: int, pgid: int | None) -> list[int]:
+    """Processes of one node: its (verified) process group plus any descendant that left the group (same env)."""
     return processes_with_env(f"RUN_DIR={run.dir}", f"STAGE={stage}", f"NODE_RANK={rank}", pgid=pgid)
 
 

@@ -6,16 +6,17 @@ with accounting off when JobCompType=jobcomp/filetxt) and, once Slurm has forgot
 the run folder's own exit markers."""
 from __future__ import annotations
 
-import json
+import getpass
 import re
 import subprocess
 import time
 from pathlib import Path
 
-from clusterctl.backends.base import Backend
+from clusterctl.backends.base import Backend, parse_probes
 from clusterctl.errors import ConfigError, UserError
 from clusterctl.render import render_template
-from clusterctl.run import FINISHED, Run, recorded_exit
+from clusterctl.restarts import RESTART_LOG, read_faults, slurm_restart_log
+from clusterctl.run import FINISHED, STAGE_NAMES, Run, StageState, recorded_endpoint, recorded_exit
 
 TIMEOUT_S = 60
 # sbatch options clusterctl sets itself: which setting to use instead.
@@ -43,7 +44,8 @@ def slurm(*argv: str) -> subprocess.CompletedProcess:
     """Every Slurm command goes through here: bounded, and a missing tool is a user error; the
     caller reads the exit status (a finished job is an error to squeue, not to us)."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL,
+                              check=False)
     except FileNotFoundError:
         raise UserError(f"{argv[0]} not found: the slurm backend runs on a Slurm login node",
                         fix="run clusterctl where sbatch/squeue work, or install slurm-client") from None
@@ -78,9 +80,7 @@ def extra_options(cluster) -> list[str]:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", name):
             raise ConfigError(f"{key!r} is not an sbatch option name", where=where,
                               fix="write option names without dashes, e.g. constraint: h100")
-        value = "" if value is None or value is True else str(value)
-        if "\n" in value or "\r" in value:
-            raise ConfigError("the value contains a newline", where=where, fix="write it on one line")
+        value = "" if value is None or value is True else str(value)   # one line: the cluster file's check
         flag = f"-{name}" if len(name) == 1 else f"--{name}"
         options.append(flag if value == "" else (f"{flag} " if len(name) == 1 else f"{flag}=") + sbatch_escape(value))
     return options
@@ -96,64 +96,104 @@ def sbatch_options(cluster, run: Run, stage: dict, job_name: str, requeue: dict 
     if cluster.gpus_per_node:
         options.append(f"--gpus-per-node={cluster.gpus_per_node}")
     for name, value in (("partition", slurm_settings.partition), ("account", slurm_settings.account),
-                        ("time", slurm_settings.time)):
-        if "\n" in value:
-            raise ConfigError("the value contains a newline", where=f"{cluster.source}: slurm.{name}")
+                        ("time", slurm_settings.time)):   # one line each: the cluster file's check
         if value:
             options.append(f"--{name}={sbatch_escape(value)}")
     # The submitting shell's folder may not exist on the nodes (slurmd would fall back to /tmp).
     options += [f"--chdir={sbatch_escape(stage['dir'])}",
                 f"--output={sbatch_escape(pattern_escape(stage['log_dir']))}/slurm-%j.log", "--open-mode=append"]
     if requeue:
-        options += [f"--signal=B:USR2@{requeue['signal_seconds']}", "--requeue"]
+        options += [f"--signal=B:USR2@{requeue['signal_seconds']}"] if requeue["signal_seconds"] else []
+        options.append("--requeue")
     else:
         options.append("--no-requeue")
     return options + extra_options(cluster)
 
 
-def requeue_settings(cluster, stage: str) -> dict | None:
-    """SFT checkpoints on USR2 and resumes: only it is requeued, within slurm.max_restarts."""
+def requeue_settings(cluster, run: Run, stage: str) -> dict | None:
+    """Training (sft, grpo, dpo, simpo) checkpoints on USR2 and resumes: only it is requeued, within
+    slurm.max_restarts. `preempted` is the note the trainer writes once that checkpoint is complete."""
     settings = cluster.slurm
-    if stage != "sft" or settings.signal_seconds <= 0 or settings.max_restarts <= 0:
+    if stage not in ("sft", "grpo", "dpo", "simpo", "ppo") or settings.max_restarts <= 0:
         return None
-    return {"signal_seconds": settings.signal_seconds, "max_restarts": settings.max_restarts}
+    # A crash or hang a node recorded (state/<stage>/node-NNN.fault, training/watchdog.py) requeues it too.
+    return {"signal_seconds": settings.signal_seconds, "max_restarts": settings.max_restarts,
+            "preempted": str(run.stage_dir(stage) / "checkpoints" / "preempted.json")}
 
 
-def map_state(slurm_state: str) -> str:
-    state = slurm_state.split()[0].rstrip("+") if slurm_state else ""
+def map_state(slurm_state: str) -> StageState | None:
+    """A Slurm job state (squeue/scontrol/sacct spelling, "CANCELLED by 1000", sacct's "+") as a stage state."""
+    state = slurm_state.split()[0].rstrip("+") if slurm_state.strip() else ""
     if state in QUEUED:
-        return "PENDING"
+        return StageState.PENDING
     if state in ACTIVE:
-        return "RUNNING"
+        return StageState.RUNNING
     if state == "COMPLETED":
-        return "COMPLETED"
+        return StageState.COMPLETED
     if state in FAILED:
-        return "FAILED"
+        return StageState.FAILED
     if state in ("CANCELLED", "REVOKED"):
-        return "CANCELLED"
-    return ""
+        return StageState.CANCELLED
+    return None
+
+
+SQUEUE_FORMAT = "State:30,RestartCnt:10,Reason:500"
 
 
 def query_job(job_id: str) -> dict | None:
     """{"state", "slurm_state", "reason", "exit_code", "restarts"} from the first source that knows the job."""
-    proc = slurm("squeue", "-h", "-j", job_id, "-O", "State:30,RestartCnt:10,Reason:500")
-    fields = proc.stdout.split(None, 2) if proc.returncode == 0 else []
-    if len(fields) == 3 and fields[0] in QUEUED | ACTIVE:
-        return {"state": map_state(fields[0]), "slurm_state": fields[0], "restarts": int(fields[1]),
-                "reason": fields[2].strip()}
-    proc = slurm("scontrol", "-o", "show", "job", job_id)
-    if proc.returncode == 0 and "JobState=" in proc.stdout:
-        fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
-        return {"state": map_state(fields["JobState"]), "slurm_state": fields["JobState"],
-                "reason": fields.get("Reason", "None"), "exit_code": fields.get("ExitCode", ""),
-                "restarts": int(fields.get("Restarts", "0") or 0)}
-    proc = slurm("sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode")
-    for line in proc.stdout.splitlines():
+    proc = slurm("squeue", "-h", "-j", job_id, "-O", SQUEUE_FORMAT)
+    info = parse_squeue(proc.stdout) if proc.returncode == 0 else None
+    if info is None:
+        proc = slurm("scontrol", "-o", "show", "job", job_id)
+        info = parse_scontrol(proc.stdout) if proc.returncode == 0 else None
+    if info is None:
+        proc = slurm("sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode")
+        info = parse_sacct(proc.stdout, job_id) if proc.returncode == 0 else None
+    return info
+
+
+def parse_squeue(out: str) -> dict | None:
+    """`squeue -h -O State,RestartCnt,Reason` of one job still queued or running; None otherwise
+    (a finished job that squeue still lists has no exit code there: scontrol has it)."""
+    fields = out.split(None, 2)
+    if len(fields) < 2 or fields[0] not in QUEUED | ACTIVE or not fields[1].isdigit():
+        return None
+    return {"state": map_state(fields[0]), "slurm_state": fields[0], "restarts": int(fields[1]),
+            "reason": fields[2].strip() if len(fields) == 3 else "None"}
+
+
+def parse_scontrol(out: str) -> dict | None:
+    """`scontrol -o show job ID`: one line of Key=Value fields."""
+    fields = dict(re.findall(r"(\w+)=(\S*)", out))
+    if "JobState" not in fields:
+        return None
+    restarts = fields.get("Restarts", "0")
+    return {"state": map_state(fields["JobState"]), "slurm_state": fields["JobState"],
+            "reason": fields.get("Reason", "None"), "exit_code": fields.get("ExitCode", ""),
+            "restarts": int(restarts) if restarts.isdigit() else 0}
+
+
+def parse_sacct(out: str, job_id: str) -> dict | None:
+    """`sacct -c -n -P -o JobID,State,ExitCode`: the job's own line (not its steps'); the last one when a
+    requeued job left one record per attempt."""
+    found = None
+    for line in out.splitlines():
         parts = line.split("|")
-        if proc.returncode == 0 and len(parts) == 3 and parts[0] == job_id:
-            return {"state": map_state(parts[1]), "slurm_state": parts[1].split()[0], "reason": "None",
-                    "exit_code": parts[2]}
-    return None
+        if len(parts) == 3 and parts[0] == job_id and parts[1].strip():
+            found = {"state": map_state(parts[1]), "slurm_state": parts[1].split()[0], "reason": "None",
+                     "exit_code": parts[2]}
+    return found
+
+
+def jobs_working_in(out: str, folders: set[str]) -> list[str]:
+    """`squeue -h -o %i|%Z`: the jobs whose working folder is one of `folders`."""
+    return [job for job, _, workdir in (line.partition("|") for line in out.splitlines()) if workdir in folders]
+
+
+def still_queued(out: str) -> list[str]:
+    """`squeue -h -o %i|%T`: the jobs still queued or running."""
+    return [job for job, _, state in (line.partition("|") for line in out.splitlines()) if state in QUEUED | ACTIVE]
 
 
 STOPPED = (143, 137)  # a node script ended by TERM/KILL: srun stopping it after another node failed
@@ -195,15 +235,21 @@ def outcome_from_markers(state_dir: Path, exits: dict[int, int], nodes: int) -> 
         if not failures and len(exits) < nodes:
             return None
         code = failures[0] if failures else 0
-    return {"state": "COMPLETED" if code == 0 else "FAILED", "slurm_state": "", "reason": "None",
+    return {"state": StageState.COMPLETED if code == 0 else StageState.FAILED, "slurm_state": "", "reason": "None",
             "exit_code": f"{code}:0"}
 
 
 class SlurmBackend(Backend):
     name = "slurm"
 
+    def master_addr_setup(self, hosts) -> str:
+        """Slurm picks the nodes at run time: rank 0 is the first host of the job's allocation."""
+        return ("# Resolved on the node at run time: the first host of this Slurm allocation.\n"
+                'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"\n'
+                "export MASTER_ADDR")
+
     def render_extras(self, run: Run, stage: str, context: dict, *, header) -> dict[str, str]:
-        requeue = requeue_settings(self.cluster, stage)
+        requeue = requeue_settings(self.cluster, run, stage)
         job_name = f"{context['job'].name}-{stage}"
         script = run.stage_dir(stage) / "job.sbatch"
         text = render_template(
@@ -221,33 +267,42 @@ class SlurmBackend(Backend):
         for stage in stages:
             run.log_dir(stage).mkdir(parents=True, exist_ok=True)  # sbatch --output needs it
             run.state_dir(stage).mkdir(parents=True, exist_ok=True)
-            for stale in [*run.state_dir(stage).glob("node-*"), run.state_dir(stage) / "job.exit"]:
+            for stale in [*run.state_dir(stage).glob("node-*"), *run.state_dir(stage).glob("rank-*"),
+                          run.state_dir(stage) / "job.exit", run.state_dir(stage) / RESTART_LOG]:
                 stale.unlink(missing_ok=True)  # an earlier attempt's markers must not be read as this one's
             argv = ["sbatch", "--parsable"]
             if previous:
                 argv += [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"]
-            proc = slurm(*argv, str(run.stage_dir(stage) / "job.sbatch"))
+            script = run.stage_dir(stage) / "job.sbatch"
+            try:
+                proc = slurm(*argv, str(script))
+            except UserError as exc:   # no sbatch, or no answer: nothing of this stage was queued
+                self._give_up(run, stages, stage, submitted, f"stage {stage} of run {run.id} was not submitted: {exc}")
+                raise
             if proc.returncode != 0:
-                if submitted:
-                    slurm("scancel", *submitted)
                 message = f"sbatch refused stage {stage} of run {run.id}: {proc.stderr.strip()}"
-                self._give_up(run, stages, stage, message)
-                raise UserError(message, where=str(run.stage_dir(stage) / "job.sbatch"),
+                self._give_up(run, stages, stage, submitted, message)
+                raise UserError(message, where=str(script),
                                 fix="check slurm.partition/account/time and extra_options in cluster.yaml")
             previous = proc.stdout.strip().split(";")[0]
             submitted.append(previous)
-            run.set_stage(stage, state="PENDING", job_id=previous, submitted=time.time())
+            run.queue(stage, job_id=previous)
 
     @staticmethod
-    def _give_up(run: Run, stages: list[str], failed: str, message: str) -> None:
+    def _give_up(run: Run, stages: list[str], failed: str, submitted: list[str], message: str) -> None:
         """A submission that could not queue every stage leaves none queued, and says why."""
-        def change(data):
-            for stage in stages:
-                _apply(data["stages"][stage], {"state": "FAILED", "reason": message} if stage == failed
-                       else {"state": "CANCELLED", "reason": f"stage {failed} could not be submitted"})
-        run.update(change)
+        if submitted:
+            try:
+                slurm("scancel", *submitted)
+            except UserError:
+                pass   # scancel missing or stuck: the stages below are recorded as not running anyway
+        run.apply({stage: {"state": StageState.FAILED, "reason": message} if stage == failed
+                   else {"state": StageState.CANCELLED, "reason": f"stage {failed} could not be submitted"}
+                   for stage in stages})
 
     def refresh(self, run: Run) -> dict:
+        """Ask Slurm about every unfinished stage and record what it says. Reading changes no job:
+        a stage after a failed one is shown CANCELLED (Slurm drops it itself: --kill-on-invalid-dep)."""
         data = run.read()
         if data.get("dry_run"):
             return data
@@ -256,18 +311,14 @@ class SlurmBackend(Backend):
         for stage in data["chain"]:
             record = data["stages"][stage]
             if broken and record["state"] not in FINISHED:
-                if record.get("job_id"):
-                    slurm("scancel", record["job_id"])
-                updates[stage] = {"state": "CANCELLED", "reason": f"{broken} did not complete"}
+                updates[stage] = {"state": StageState.CANCELLED, "reason": f"{broken} did not complete"}
                 continue
             if record["state"] not in FINISHED and record.get("job_id"):
                 updates[stage] = self._stage_update(run, stage, record)
             state = updates.get(stage, {}).get("state", record["state"])
-            if state in ("FAILED", "CANCELLED"):
+            if state in (StageState.FAILED, StageState.CANCELLED):
                 broken = broken or stage
-        if updates:
-            data = run.update(lambda d: [_apply(d["stages"][s], u) for s, u in updates.items()])
-        return data
+        return run.apply(updates) if updates else data
 
     def _stage_update(self, run: Run, stage: str, record: dict) -> dict:
         job_id, nodes = record["job_id"], record["nodes"]
@@ -279,73 +330,90 @@ class SlurmBackend(Backend):
             if info is None:
                 return {"reason": f"Slurm no longer knows job {job_id}, and {run.state_dir(stage)} holds "
                                   f"neither its job.exit nor a failed or every node's exit"}
-        state = info["state"] or record["state"]
+        state = StageState(info["state"] or record["state"])
+        restart_log = slurm_restart_log(run, stage)   # what the batch script recorded of each requeue
+        if state.finished and len(restart_log) > info.get("restarts", len(restart_log)):
+            state = StageState.PENDING   # the batch script asked for a requeue Slurm has not made yet
         update.update(state=state, reason="")
         if info.get("restarts"):
             update["restarts"] = info["restarts"]
-        if state == "PENDING" and info["reason"] == "DependencyNeverSatisfied":
-            slurm("scancel", job_id)
-            update.update(state="CANCELLED", reason="an earlier stage did not complete")
-        elif state == "PENDING" and info["reason"] not in ("None", ""):
+        if restart_log:
+            update.update(restart_log=restart_log, restarts=max(update.get("restarts", 0), len(restart_log)))
+        never = info["reason"] == "DependencyNeverSatisfied"
+        if state is StageState.PENDING and never:
+            state = StageState.CANCELLED
+            update.update(state=state, reason="an earlier stage did not complete")
+        elif state is StageState.PENDING and info["reason"] not in ("None", ""):
             update["reason"] = f"waiting: {info['reason']}"
-        node_states, failed = node_outcome(exits, nodes, ended=state in FINISHED)
-        if state in ("RUNNING", "COMPLETED", "FAILED"):
+        node_states, failed = node_outcome(exits, nodes, ended=state.finished)
+        if state in (StageState.RUNNING, StageState.COMPLETED, StageState.FAILED):
             update["node_states"] = node_states
-        if state == "FAILED":
+        if state is StageState.FAILED:
+            faults = read_faults(run, stage)   # a crash or hang after the restart budget was spent
             update.update(failed_nodes=failed, exit_code=exits[failed[0]] if failed else _slurm_exit(info),
-                          reason=f"Slurm job {job_id} {info['slurm_state'] or 'failed'}"
+                          reason=(f"{faults[0]['cause']} (node {faults[0].get('node')}, {faults[0].get('host')}); "
+                                  if faults else "") + f"Slurm job {job_id} {info['slurm_state'] or 'failed'}"
                                  f"{' (' + info['reason'] + ')' if info['reason'] not in ('None', '') else ''}"
                                  f"; see logs/{stage}/")
-        elif state == "CANCELLED" and "reason" not in update:
-            update["reason"] = (f"Slurm job {job_id} cancelled" if info["reason"] != "DependencyNeverSatisfied"
-                                else "an earlier stage did not complete")
-        elif state == "COMPLETED":
+        elif state is StageState.CANCELLED and not never:
+            update["reason"] = f"Slurm job {job_id} cancelled"
+        elif state is StageState.COMPLETED:
             update["exit_code"] = 0
         if stage == "deploy":
-            update.update(_endpoint(run))
+            update.update(recorded_endpoint(run))
         return update
 
-    def cancel(self, run: Run) -> None:
+    def cancel(self, run: Run) -> list[str]:
         """scancel every stage's job, wait until Slurm lets go of them, mark what was left CANCELLED."""
         data = run.read()
-        job_ids = [data["stages"][s]["job_id"] for s in data["chain"] if data["stages"][s].get("job_id")]
-        if job_ids:
-            slurm("scancel", *job_ids)
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                out = slurm("squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids)).stdout
-                if not [line for line in out.splitlines() if line.split("|")[-1] in QUEUED | ACTIVE]:
-                    break
-                time.sleep(0.5)
+        self._scancel([data["stages"][s]["job_id"] for s in data["chain"] if data["stages"][s].get("job_id")])
+        run.cancel(data["chain"], reason="cancelled by the user")
+        return []
 
-        def change(record):
-            for stage in record["chain"]:
-                if record["stages"][stage]["state"] not in FINISHED:
-                    record["stages"][stage].update(state="CANCELLED", reason="cancelled by the user",
-                                                   ended=time.time())
-        run.update(change)
+    def probe(self, argv: list[str], *, nodes: int | None, wait_s: int) -> list[dict]:
+        """One task per node through srun (an allocation of `nodes` nodes, default 1, as the stages get);
+        gives up when Slurm cannot allocate them within wait_s (srun would otherwise queue forever)."""
+        nodes = nodes or 1
+        settings = self.cluster.slurm
+        srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--time=5", f"--immediate={wait_s}",
+                "--job-name=clusterctl-doctor"]
+        srun += [f"--{k}={v}" for k, v in (("partition", settings.partition), ("account", settings.account)) if v]
+        if self.cluster.gpus_per_node:
+            srun.append(f"--gpus-per-node={self.cluster.gpus_per_node}")
+        try:
+            proc = subprocess.run(srun + argv, capture_output=True, text=True, timeout=wait_s + 300,
+                                  stdin=subprocess.DEVNULL, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return [{"target": "srun", "error": f"srun failed: {exc}"}]
+        found = [{"target": row["host"], **row} for row in parse_probes(proc.stdout)]
+        if len(found) < nodes:
+            found.append({"target": "srun", "error": f"{nodes - len(found)} of {nodes} nodes did not answer "
+                                                     f"(srun exited {proc.returncode}): {proc.stderr.strip()[-400:]}"})
+        return found
+
+    def cancel_unreadable(self, run: Run) -> int:
+        """The jobs of this run are those Slurm runs in its stage folders (#SBATCH --chdir)."""
+        out = slurm("squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%Z").stdout
+        job_ids = jobs_working_in(out, {str(run.stage_dir(stage)) for stage in STAGE_NAMES})
+        self._scancel(job_ids)
+        return len(job_ids)
+
+    @staticmethod
+    def _scancel(job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        slurm("scancel", *job_ids)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if not still_queued(slurm("squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids)).stdout):
+                break
+            time.sleep(0.5)
 
 
 def _slurm_exit(info: dict) -> int:
     """Slurm's "CODE:SIGNAL" as one shell-style status (128 + signal when killed)."""
     code, _, sig = info.get("exit_code", "").partition(":")
     return int(code) if code.isdigit() and int(code) else (128 + int(sig) if sig.isdigit() and int(sig) else 1)
-
-
-def _endpoint(run: Run) -> dict:
-    try:
-        endpoint = json.loads((run.state_dir("deploy") / "endpoint.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {"endpoint": endpoint["url"], "served_model": endpoint.get("model")}
-
-
-def _apply(record: dict, update: dict) -> None:
-    if update.get("state") == "RUNNING" and "started" not in record:
-        record["started"] = time.time()
-    if update.get("state") in FINISHED and "ended" not in record:
-        record["ended"] = time.time()
-    record.update(update)
 
 
 BACKEND = SlurmBackend

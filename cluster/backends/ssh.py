@@ -8,6 +8,7 @@ The same launch by hand: <stage>/pdsh.sh."""
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shlex
 import threading
@@ -15,10 +16,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from clusterctl.backends.base import NodeProcess, SupervisedBackend
+from clusterctl.backends.base import NodeProcess, SupervisedBackend, parse_probes
 from clusterctl.errors import UserError
+from clusterctl.procs import Identity
 from clusterctl.render import render_template
-from clusterctl.run import Run, recorded_exit
+from clusterctl.run import Run, StageState, recorded_exit
+
+# paramiko logs a failed handshake with its traceback from the transport thread; connect() says it in one line
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 STOP_GRACE_S = 10
 PID_FILE_WAIT_S = 3
@@ -56,8 +61,6 @@ class SshConnector:
 
     def connect(self, host: str):
         """A connected paramiko client; every failure is a UserError naming the host and the fix."""
-        import socket
-
         import paramiko
 
         target = self.target(host)
@@ -80,15 +83,23 @@ class SshConnector:
                             fix=f"verify the host, then `ssh-keygen -R {target.hostname} -f {self.known_hosts}` "
                                 "and add the new key") from None
         except paramiko.SSHException as exc:
+            cause = getattr(client.get_transport(), "saved_exception", None) or exc   # why the handshake died
             client.close()
             if "not found in known_hosts" in str(exc):
                 raise UserError(f"{host}: unknown host key (not in {self.known_hosts})", where=where,
                                 fix=f"check the fingerprint, then `ssh-keyscan -p {target.port} {target.hostname}"
                                     f" >> {self.known_hosts}`; or set ssh.insecure_accept_unknown_hosts: "
                                     "true in cluster.yaml (trusts any key)") from None
-            raise UserError(f"{host}: ssh failed: {exc}", where=where,
-                            fix="check ssh.user/identity_file and that `ssh HOST true` works") from None
-        except (OSError, socket.timeout) as exc:
+            if isinstance(exc, paramiko.AuthenticationException):
+                raise UserError(f"{host}: ssh authentication failed: {exc}", where=where,
+                                fix="check ssh.user/identity_file and that `ssh HOST true` works") from None
+            # paramiko reports a server that never sent its banner either way, depending on which thread lost
+            no_banner = any(text in str(cause) for text in ("banner", "No existing session"))
+            silent = " (no SSH banner within ssh.connect_timeout)" if no_banner else ""
+            raise UserError(f"{host} ({target.hostname}:{target.port}): ssh failed: {cause}{silent}", where=where,
+                            fix=f"check that sshd answers on port {target.port} (`ssh -p {target.port} "
+                                f"{target.hostname} true`); if it is only slow, raise ssh.connect_timeout") from None
+        except OSError as exc:   # socket.timeout is a TimeoutError, an OSError
             client.close()
             raise UserError(f"{host} ({target.hostname}:{target.port}) cannot be reached: {exc}", where=where,
                             fix="check the host is up, the name resolves and sshd listens on ssh.port") from None
@@ -141,7 +152,7 @@ class SshNode(NodeProcess):
         self.status: int | None = None
         log_path = run.log_path(stage, rank)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(log_path, "ab")
+        self.log = open(log_path, "ab")   # noqa: SIM115 -- closed by the thread that copies the output
         self.channel = client.get_transport().open_session()
         self.channel.set_combine_stderr(True)
         script = run.node_script(stage, rank)
@@ -178,13 +189,19 @@ class SshNode(NodeProcess):
         return self.status
 
 
-def stop_group_command(pgid: int, grace: float) -> str:
-    """TERM a process group, KILL it if it outlives the grace period."""
-    group = shlex.quote(f"-{int(pgid)}")
+def stop_group_command(group: Identity, grace: float) -> str:
+    """TERM a process group, KILL it if it outlives the grace period; only if its leader is still the
+    process the node script recorded (same boot, same start time): exit 3 with a line when it is not."""
+    pgid = int(group.pid)
+    target = shlex.quote(f"-{pgid}")
     steps = int(grace / 0.2)
-    return (f"kill -TERM -- {group} 2>/dev/null || exit 0; "
-            f"for i in $(seq {steps}); do kill -0 -- {group} 2>/dev/null || exit 0; sleep 0.2; done; "
-            f"kill -KILL -- {group} 2>/dev/null; exit 0")
+    return (f"[ \"$(cat /proc/sys/kernel/random/boot_id)\" = {shlex.quote(group.boot_id)} ] || exit 0; "
+            f"[ -r /proc/{pgid}/stat ] || exit 0; "
+            f"set -- $(sed 's/.*) //' /proc/{pgid}/stat); "
+            f"[ \"${{20}}\" = {int(group.start_ticks)} ] || {{ echo \"started at tick ${{20}}\"; exit 3; }}; "
+            f"kill -TERM -- {target} 2>/dev/null || exit 0; "
+            f"for i in $(seq {steps}); do kill -0 -- {target} 2>/dev/null || exit 0; sleep 0.2; done; "
+            f"kill -KILL -- {target} 2>/dev/null; exit 0")
 
 
 def pdsh_command(stage_dir: str) -> str:
@@ -199,8 +216,9 @@ class SshBackend(SupervisedBackend):
         super().__init__(cluster)
         self.settings = SshConnector(cluster)
         self.clients: dict = {}
+        self.max_restarts = cluster.ssh.max_restarts
 
-    def hosts(self, nodes: int) -> list[str]:
+    def hosts(self, nodes: int) -> list[str | None]:
         return list(self.cluster.hosts[:nodes])
 
     def master_addr(self, hosts) -> str:
@@ -232,16 +250,32 @@ class SshBackend(SupervisedBackend):
             for client in self.settings.connect_all(run.read()["stages"][first]["hosts"]).values():
                 client.close()
         except UserError as exc:
-            reason = str(exc)
-
-            def change(data):
-                for stage in stages:
-                    data["stages"][stage].update(
-                        {"state": "FAILED", "reason": reason, "ended": time.time()} if stage == first else
-                        {"state": "CANCELLED", "reason": f"{first} failed", "ended": time.time()})
-            run.update(change)
+            run.apply({stage: {"state": StageState.FAILED, "reason": str(exc)} if stage == first else
+                       {"state": StageState.CANCELLED, "reason": f"{first} failed"} for stage in stages})
             raise
         super().submit(run, stages)
+
+    def probe(self, argv: list[str], *, nodes: int | None, wait_s: int) -> list[dict]:
+        """Connect every host (the first `nodes`, default all; host keys checked); one row per host,
+        unreachable ones included."""
+        command = " ".join(shlex.quote(a) for a in argv)
+
+        def one(host: str) -> dict:
+            try:
+                client = self.settings.connect(host)
+            except UserError as exc:
+                return {"target": host, "error": str(exc)}
+            try:
+                code, output = run_remote(client, command, timeout=120)
+            finally:
+                client.close()
+            found = parse_probes(output)
+            return {"target": host, **found[0]} if found else \
+                {"target": host, "error": f"probe exited {code}: {output.strip()[-300:]}"}
+
+        hosts = self.cluster.hosts[:nodes] if nodes else self.cluster.hosts
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
+            return list(pool.map(one, hosts))
 
     def check_stage(self, run: Run, stage: str, hosts: list) -> None:
         for client in self.clients.values():
@@ -253,22 +287,26 @@ class SshBackend(SupervisedBackend):
         self.clients[host] = client
         return SshNode(client, run, stage, rank, host)
 
-    def kill_node(self, run: Run, stage: str, rank: int, host, grace: float = STOP_GRACE_S) -> None:
-        """Stop the node's process group on its host (read from its pid file; any shell can do this)."""
+    def kill_node(self, run: Run, stage: str, rank: int, host, grace: float = STOP_GRACE_S) -> str:
+        """Stop the node's process group on its host (read from its pid file; any shell can do this),
+        only if the group's leader is still the process the node script recorded."""
         pid_file, exit_file = run.node_marker(stage, rank, "pid"), run.node_marker(stage, rank, "exit")
         deadline = time.monotonic() + PID_FILE_WAIT_S   # a node started a moment ago may not have written it
         while not pid_file.exists() and not exit_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         if exit_file.exists() or not pid_file.exists():
-            return  # finished already, or never started
-        try:
-            pgid = int(pid_file.read_text().split()[0])
-        except (ValueError, IndexError):
-            return
+            return ""  # finished already, or never started
+        group = Identity.from_pid_file(pid_file.read_text())
+        if group is None:
+            return f"{pid_file} does not say which process it is (pgid, host, boot id, start time): not signalled"
         client = self.clients.get(host)
         if client is None or not client.get_transport() or not client.get_transport().is_active():
             client = self.clients[host] = self.settings.connect(host)
-        run_remote(client, stop_group_command(pgid, grace), timeout=grace + 30)
+        code, output = run_remote(client, stop_group_command(group, grace), timeout=grace + 30)
+        if code == 3:
+            return f"{pid_file}: process group {group.pid} on {host} is no longer node {rank} of {stage} " \
+                   f"({output.strip()}, not {group.start_ticks}): not signalled"
+        return ""
 
 
 BACKEND = SshBackend

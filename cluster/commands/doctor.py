@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import click
 
@@ -54,9 +51,6 @@ for port in [int(p) for p in ports.split(",") if p]:
 seen["busy_ports"] = busy
 print("CLUSTERCTL-DOCTOR " + json.dumps(seen), flush=True)
 """
-MARK = "CLUSTERCTL-DOCTOR "
-
-
 def probe_argv(cluster, token_path: str, token: str, ports: list[int]) -> list[str]:
     return [cluster.python_path, "-c", PROBE, token_path, token, interface_of(cluster),
             str(cluster.gpus_per_node), ",".join(map(str, ports))]
@@ -67,66 +61,6 @@ def interface_of(cluster) -> str:
     name = cluster.interface or cluster.env.get("NCCL_SOCKET_IFNAME", "")
     name = name.split(",")[0].lstrip("=")
     return "" if name.startswith("^") else name
-
-
-def parse_probes(output: str) -> list[dict]:
-    return [json.loads(line[len(MARK):]) for line in output.splitlines() if line.startswith(MARK)]
-
-
-def probe_ssh(cluster, hosts: list[str], argv: list[str]) -> list[dict]:
-    """Connect every host (host keys checked); one row per host, unreachable ones included."""
-    from clusterctl.backends.ssh import SshConnector, run_remote
-    from clusterctl.errors import UserError
-
-    settings = SshConnector(cluster)
-    command = " ".join(shlex.quote(a) for a in argv)
-
-    def one(host: str) -> dict:
-        try:
-            client = settings.connect(host)
-        except UserError as exc:
-            return {"target": host, "error": str(exc)}
-        try:
-            code, output = run_remote(client, command, timeout=120)
-        finally:
-            client.close()
-        found = parse_probes(output)
-        return {"target": host, **found[0]} if found else {"target": host, "error": f"probe exited {code}: "
-                                                                                      f"{output.strip()[-300:]}"}
-
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
-        return list(pool.map(one, hosts))
-
-
-def probe_slurm(cluster, nodes: int, argv: list[str], wait_s: int) -> list[dict]:
-    """One task per node through srun (an allocation of `nodes` nodes, as the stages get); gives up
-    when Slurm cannot allocate them within wait_s (srun would otherwise queue forever)."""
-    settings = cluster.slurm
-    srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--time=5", f"--immediate={wait_s}",
-            "--job-name=clusterctl-doctor"]
-    srun += [f"--{k}={v}" for k, v in (("partition", settings.partition), ("account", settings.account)) if v]
-    if cluster.gpus_per_node:
-        srun.append(f"--gpus-per-node={cluster.gpus_per_node}")
-    try:
-        proc = subprocess.run(srun + argv, capture_output=True, text=True, timeout=wait_s + 300,
-                              stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return [{"target": "srun", "error": f"srun failed: {exc}"}]
-    found = [{"target": row["host"], **row} for row in parse_probes(proc.stdout)]
-    if len(found) < nodes:
-        found.append({"target": "srun", "error": f"{nodes - len(found)} of {nodes} nodes did not answer "
-                                                 f"(srun exited {proc.returncode}): {proc.stderr.strip()[-400:]}"})
-    return found
-
-
-def probe_local(argv: list[str]) -> list[dict]:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    except OSError as exc:
-        return [{"target": "localhost", "error": f"{argv[0]}: {exc}"}]
-    found = parse_probes(proc.stdout)
-    return [{"target": "localhost", **found[0]}] if found else \
-        [{"target": "localhost", "error": f"probe exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}]
 
 
 def checks(cluster, row: dict, head: bool, ports: list[int], expected_prefix: str) -> dict[str, tuple[bool, str]]:
@@ -193,15 +127,34 @@ def table(rows: list[tuple[str, dict]]) -> str:
                                                           "ssh: the first N hosts (default all).")
 @click.option("--wait", "wait_s", type=click.IntRange(min=1), default=120, show_default=True,
               help="Slurm: seconds to wait for the probe's allocation.")
+@click.option("--bandwidth", is_flag=True, help="Instead: an all-reduce + pairwise bandwidth test across the "
+                                                   "nodes (torch.distributed), naming slow nodes and nodes that "
+                                                   "cannot join.")
+@click.option("--size-mb", type=click.FloatRange(min=0.001), default=64.0, show_default=True,
+              help="--bandwidth: MiB per all-reduce / pair exchange.")
+@click.option("--join-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="--bandwidth: seconds for every node to reach node 0.")
+@click.option("--slow-below", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="--bandwidth: a node whose best pair is below this fraction of the median is slow.")
 @options.runs_dir
 @options.as_json
-def command(cluster_file, nodes, wait_s, runs_dir, as_json):
+def command(cluster_file, nodes, wait_s, bandwidth, size_mb, join_timeout, slow_below, runs_dir, as_json):
     """Preflight every node: reachable, same clusterctl and Python, shared run folder visible, GPUs
-    (nvidia-smi), the NCCL network interface, free ports on the head node. Non-zero exit on failure."""
+    (nvidia-smi), the NCCL network interface, free ports on the head node. Non-zero exit on failure.
+    With --bandwidth: all-reduce and pairwise bandwidth across the nodes; slow or absent nodes fail."""
+    from clusterctl.backends.base import backend_for
     from clusterctl.config import load_cluster
     from clusterctl.submit import runs_root
 
     cluster = load_cluster(cluster_file)
+    if bandwidth:
+        from clusterctl.bandwidth import Settings, check
+        from clusterctl.bandwidth import table as bandwidth_table
+        verdict = check(cluster, nodes=nodes, settings=Settings(size_mb=size_mb, join_timeout=join_timeout,
+                                                                   slow_below=slow_below),
+                        wait_s=wait_s)
+        click.echo(json.dumps(verdict, indent=2) if as_json else bandwidth_table(verdict))
+        sys.exit(0 if verdict["ok"] else 1)
     root = runs_root(runs_dir, cluster).resolve()
     root.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(8)
@@ -210,12 +163,7 @@ def command(cluster_file, nodes, wait_s, runs_dir, as_json):
     ports = [p for p in (cluster.ports.master, cluster.ports.ray, cluster.ports.vllm) if p]
     argv = probe_argv(cluster, str(token_path), token, ports)
     try:
-        if cluster.backend == "ssh":
-            results = probe_ssh(cluster, cluster.hosts[:nodes] if nodes else cluster.hosts, argv)
-        elif cluster.backend == "slurm":
-            results = probe_slurm(cluster, nodes or 1, argv, wait_s)
-        else:
-            results = probe_local(argv)
+        results = backend_for(cluster).probe(argv, nodes=nodes, wait_s=wait_s)
     finally:
         token_path.unlink(missing_ok=True)
     rows = [(row["target"], checks(cluster, row, index == 0, ports, expected_prefix(cluster, results)))
@@ -228,6 +176,7 @@ def command(cluster_file, nodes, wait_s, runs_dir, as_json):
     else:
         click.echo(f"clusterctl doctor: {cluster.backend} backend, {cluster.source}, runs in {root}")
         click.echo(table(rows))
+        click.echo(f"node scripts run {cluster.describe_node_python()}")
         for target, name, detail in failed:
             fix = "" if "fix:" in detail else f"\n  fix: {FIXES[name]}"   # a UserError brings its own
             click.echo(f"\n{target}: {name}: {detail}{fix}", err=True)

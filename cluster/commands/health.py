@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -19,28 +21,75 @@ def endpoint_of_run(run_dir: Path, *, wait_s: float = 0.0) -> Endpoint:
     stage is still starting, wait up to `wait_s` for it."""
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            deploy = (json.loads((run_dir / "run.json").read_text()).get("stages") or {}).get("deploy") or {}
-        except (OSError, ValueError):
-            deploy = {}
+        deploy = _recorded_deploy(run_dir / "run.json")
         if deploy.get("endpoint"):
-            return Endpoint(url=deploy["endpoint"], model=deploy.get("served_model") or "")
-        try:
-            record = json.loads((run_dir / "state" / "deploy" / "endpoint.json").read_text())
-            return Endpoint(url=record["url"], model=record.get("model", ""))
-        except FileNotFoundError:
-            pass
+            return Endpoint(url=_url(deploy["endpoint"], run_dir / "run.json"),
+                            model=_text(deploy.get("served_model"), run_dir / "run.json"))
+        record = _read_json(run_dir / "state" / "deploy" / "endpoint.json")
+        if record is not None:
+            where = run_dir / "state" / "deploy" / "endpoint.json"
+            if not isinstance(record, dict) or "url" not in record:
+                raise UserError('not an endpoint record: expected {"url": ..., "model": ...}', where=str(where),
+                                fix="the deploy head rewrites it once vLLM is healthy; redeploy, or pass the URL")
+            return Endpoint(url=_url(record["url"], where), model=_text(record.get("model"), where))
         state = deploy.get("state", "")
-        if state in ("COMPLETED", "FAILED", "CANCELLED") or time.monotonic() >= deadline:
+        remaining = deadline - time.monotonic()
+        if state in ("COMPLETED", "FAILED", "CANCELLED") or remaining <= 0:
             why = f"its deploy stage is {state}" if state else "no stages.deploy.endpoint, no state/deploy/endpoint.json"
             raise UserError(f"{run_dir} has no deploy endpoint after {wait_s:g} s ({why})",
                             fix=f"check the deploy stage with `clusterctl status {run_dir.name}`, or pass the URL")
-        time.sleep(1.0)
+        time.sleep(min(1.0, remaining))
+
+
+def _read_json(path: Path) -> object:
+    """A JSON file's value, None when it does not exist; a UserError naming it when it cannot be read."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UserError(f"cannot read it: {error.strerror}", where=str(path)) from None
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"not valid JSON ({str(error)[:120]})", where=str(path),
+                        fix="the file is damaged; pass the endpoint's URL instead") from None
+
+
+def _recorded_deploy(run_json: Path) -> dict:
+    """run.json's stages.deploy ({} when the run has none yet)."""
+    record = _read_json(run_json)
+    if record is None:
+        return {}
+    stages = record.get("stages", {}) if isinstance(record, dict) else None
+    deploy = stages.get("deploy") if isinstance(stages, dict) else None
+    if not isinstance(deploy, dict) and not (deploy is None and isinstance(stages, dict)):
+        raise UserError("not a run record: stages.deploy is not an object", where=str(run_json),
+                        fix="the file is damaged; pass the endpoint's URL instead")
+    return deploy or {}
+
+
+def _text(value: object, where: Path) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise UserError(f"expected a served model name, found {value!r:.80}", where=str(where))
+
+
+def _url(value: object, where: Path | str) -> str:
+    """An http(s)://host:port URL, or a UserError naming where it came from."""
+    try:
+        parts = urllib.parse.urlsplit(value) if isinstance(value, str) else None
+        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"not an endpoint URL: {value!r:.120}", where=str(where),
+                        fix="an endpoint is http://HOST:PORT (or https://)")
+    return str(value).rstrip("/")
 
 
 def resolve_target(target: str, runs_dir: str | None, *, wait_s: float = 0.0) -> Endpoint:
     if target.startswith(("http://", "https://")):
-        return Endpoint(url=target.rstrip("/"))
+        return Endpoint(url=_url(target, "RUN|URL"))
     if Path(target).is_dir():
         return endpoint_of_run(Path(target), wait_s=wait_s)
     from clusterctl.run import find_run
@@ -61,7 +110,8 @@ def print_check(check: Check, *, err: bool = False) -> None:
     """One check as lines (also used by `submit`'s foreground follow, on stderr there)."""
     mark = click.style("PASS", fg="green") if check.ok else click.style("FAIL", fg="red")
     tries = f"  ({check.attempts} tries)" if check.attempts > 1 else ""
-    click.echo(f"{mark}  {check.name:<27} {check.latency_s * 1000:8.1f} ms  {check.detail}{tries}", err=err)
+    label = f"{check.name} ({check.model})" if check.model else check.name
+    click.echo(f"{mark}  {label:<27} {check.latency_s * 1000:8.1f} ms  {check.detail}{tries}", err=err)
     if check.reasoning:
         click.echo(f"      reasoning: {check.reasoning}", err=err)
     if check.ok and check.name.startswith("POST"):
@@ -83,7 +133,8 @@ def _print_load(load: LoadResult) -> None:
 @click.command("health")
 @click.argument("target", metavar="RUN|URL")
 @click.option("--timeout", default=60.0, show_default=True, type=float,
-              help="Seconds to keep retrying while the server starts.")
+              help="Wall-clock limit in seconds of the whole check, retries while the server starts included "
+                   "(and of each load-test request).")
 @click.option("--requests", "n_requests", default=0, type=click.IntRange(min=0),
               help="Then send this many chat requests as a load smoke test.")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1),
@@ -94,23 +145,27 @@ def _print_load(load: LoadResult) -> None:
 @click.option("--runs-dir", default=None, help="Where runs live (default: $CLUSTERCTL_RUNS or ./runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
 def command(target, timeout, n_requests, concurrency, model, api_key_file, runs_dir, as_json):
-    """Check a deployment: GET /health, GET /v1/models, POST /v1/chat/completions (with curl lines).
+    """Check a deployment: GET /health, GET /v1/models, POST /v1/chat/completions (with curl lines); a chat
+    request per served name when there are several (LoRA adapters served by name).
 
     RUN is a run id or run folder (its deploy endpoint is used); URL is http://HOST:PORT."""
-    started = time.monotonic()
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise UserError(f"--timeout must be a number of seconds above 0, not {timeout:g}", fix="e.g. --timeout 60")
+    deadline = time.monotonic() + timeout
     endpoint = resolve_target(target, runs_dir, wait_s=timeout)
     endpoint.model = model or endpoint.model
     endpoint.api_key = read_api_key(api_key_file)
     if not as_json:
         click.echo(f"endpoint {endpoint.url}" + (f"  model {endpoint.model}" if endpoint.model else ""))
-    checks = check_endpoint(endpoint, timeout=max(timeout - (time.monotonic() - started), 1.0))
-    ok = all(check.ok for check in checks) and len(checks) == 3
+    checks = check_endpoint(endpoint, timeout=max(deadline - time.monotonic(), 0.001), each_model=True)
+    ok = all(check.ok for check in checks) and len(checks) >= 3
     load = None
     if ok and n_requests:
-        load = load_test(endpoint, requests=n_requests, concurrency=concurrency, timeout=max(timeout, 30.0))
+        load = load_test(endpoint, requests=n_requests, concurrency=concurrency, timeout=timeout)
         ok = load.passed
     if as_json:
-        click.echo(json.dumps({"url": endpoint.url, "model": endpoint.model, "ok": ok,
+        models = {check.model: check.ok for check in checks if check.model}   # each served name, when several
+        click.echo(json.dumps({"url": endpoint.url, "model": endpoint.model, "ok": ok, "models": models,
                                "checks": [dataclasses.asdict(check) for check in checks],
                                "load": load.as_dict() if load else None}, indent=2))
     else:
@@ -118,5 +173,8 @@ def command(target, timeout, n_requests, concurrency, model, api_key_file, runs_
             print_check(check)
         if load:
             _print_load(load)
+        for failed in (check for check in checks if not check.ok):
+            model = f" for {failed.model}" if failed.model else ""
+            click.echo(f"clusterctl: error: {endpoint.url} failed {failed.name}{model}: {failed.detail}", err=True)
     if not ok:
         raise SystemExit(1)

@@ -8,7 +8,7 @@ from clusterctl.commands import options
 
 @click.command("logs")
 @click.argument("run", required=False)
-@click.option("--stage", type=click.Choice(["sft", "convert", "deploy"]), help="One stage (default: all).")
+@click.option("--stage", type=click.Choice(["sft", "grpo", "dpo", "simpo", "ppo", "convert", "deploy"]), help="One stage (default: all).")
 @click.option("--node", type=click.IntRange(min=0), help="One node rank (default: all).")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C to stop).")
 @options.runs_dir

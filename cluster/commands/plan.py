@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -20,18 +21,23 @@ from clusterctl.training.config import BUILTIN_TINY_MODEL
 @click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
-@click.option("--gpu-memory", type=float, default=80.0, show_default=True, help="GiB per GPU")
-@click.option("--host-memory", type=float, default=2048.0, show_default=True, help="GiB of RAM per node")
+@click.option("--gpu-memory", type=float, default=80.0, show_default=True, help="GiB per GPU",
+              callback=lambda ctx, param, value: _positive(param, value))
+@click.option("--host-memory", type=float, default=2048.0, show_default=True, help="GiB of RAM per node",
+              callback=lambda ctx, param, value: _positive(param, value))
+@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default="full", show_default=True,
+              help="full-parameter SFT, or LoRA / QLoRA adapters on a frozen base")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def command(model, nodes, gpus_per_node, sp, zero, offload, offload_param, micro_batch, seq_len,
-            gradient_checkpointing, gpu_memory, host_memory, as_json) -> None:
+            gradient_checkpointing, gpu_memory, host_memory, method, lora_rank, as_json) -> None:
     """Per-GPU and per-node memory of a full-parameter SFT job (formulas: clusterctl/plan.py).
     Exits 1 when it does not fit."""
     shape = load_shape(model)
     setup = Setup(nodes=nodes, gpus_per_node=gpus_per_node, sp=sp, zero=int(zero), offload_optimizer=offload,
                   offload_param=offload_param, micro_batch=micro_batch, seq_len=seq_len,
                   gradient_checkpointing=gradient_checkpointing, gpu_memory_gib=gpu_memory,
-                  host_memory_gib=host_memory)
+                  host_memory_gib=host_memory, method=method, lora_rank=lora_rank)
     result = plan(shape, setup)
     fix = None if result.fits else suggest(shape, setup)
     if as_json:
@@ -44,12 +50,22 @@ def command(model, nodes, gpus_per_node, sp, zero, offload, offload_param, micro
         raise SystemExit(1)
 
 
+def _positive(param: click.Parameter, value: float) -> float:
+    """A memory size: a finite number above 0 (NaN would make every comparison false: "fits" nowhere)."""
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"{value:g} is not a number of GiB above 0", param=param)
+    return value
+
+
 def _print(result: Plan, fix) -> None:
     s = result.setup
     click.echo(f"model: {result.params / 1e9:.3f} B parameters (largest module {result.largest_module / 1e9:.3f} B); "
                f"{s.nodes} node(s) x {s.gpus_per_node} GPU(s), sp {s.sp}, ZeRO-{s.zero}"
                f"{', offload optimizer' if s.offload_optimizer else ''}{', offload params' if s.offload_param else ''}; "
                f"micro-batch {s.micro_batch} x {s.seq_len} tokens")
+    if s.method != "full":
+        click.echo(f"{s.method}: rank {s.lora_rank} on every target group, {result.trained / 1e6:.1f} M trained "
+                   f"parameters ({100 * result.trained / result.params:.2f} %)")
     for title, parts, total, limit, ok in (
             ("per GPU", result.gpu, result.gpu_total, s.gpu_memory_gib, result.fits_gpu),
             ("per node (host RAM)", result.host, result.host_total, s.host_memory_gib, result.fits_host)):

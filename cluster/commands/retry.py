@@ -12,28 +12,21 @@ from clusterctl.commands.submit import finish
 @options.as_json
 def command(run, runs_dir, detach, as_json):
     """Run RUN's stages that did not complete again; SFT resumes from its last complete checkpoint."""
-    from clusterctl.backends.base import backend_for
-    from clusterctl.config import load_cluster
+    from clusterctl.backends.base import backend_of
     from clusterctl.errors import UserError
     from clusterctl.run import find_run
 
     found = find_run(runs_dir, run)
-    backend = backend_for(load_cluster(str(found.dir / "cluster.yaml")))
+    backend = backend_of(found)
     data = backend.refresh(found)
     todo = [s for s in data["chain"] if data["stages"][s]["state"] != "COMPLETED"]
-    busy = [s for s in todo if data["stages"][s]["state"] in ("PENDING", "RUNNING") and not data["dry_run"]]
+    busy = [s for s in todo if data["stages"][s]["state"] in ("PENDING", "RUNNING") and not data.get("dry_run")]
     if busy:
         raise UserError(f"run {found.id} is still active ({', '.join(busy)})",
                         fix=f"wait for it, or `clusterctl cancel {found.id}` first")
     if not todo:
         raise UserError(f"every stage of run {found.id} already completed")
 
-    def reset(record):
-        record["chain"], record["dry_run"] = todo, False
-        for stage in todo:
-            keep = {k: v for k, v in record["stages"][stage].items() if k in ("nodes", "hosts", "output")}
-            record["stages"][stage] = {"state": "PENDING", **keep, "endpoint": ""} if stage == "deploy" \
-                else {"state": "PENDING", **keep}
-    found.update(reset)
+    found.reset(todo)
     backend.submit(found, todo)
     finish(found, dry_run=False, detach=detach, as_json=as_json)

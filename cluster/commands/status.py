@@ -8,12 +8,11 @@ from clusterctl.commands import options
 
 def run_status(run) -> dict:
     """run.json brought up to date by the run's backend, in the `status --json` shape."""
-    from clusterctl.backends.base import backend_for
-    from clusterctl.config import load_cluster
+    from clusterctl.backends.base import backend_of
 
-    data = backend_for(load_cluster(str(run.dir / "cluster.yaml"))).refresh(run)
+    data = backend_of(run).refresh(run)
     keep = ("state", "nodes", "hosts", "job_id", "submitted", "restarts", "started", "ended", "exit_code",
-            "reason", "failed_nodes", "node_states", "output", "endpoint", "served_model")
+            "reason", "failed_nodes", "node_states", "output", "endpoint", "served_model", "restart_log")
     stages = {stage: {k: v for k, v in data["stages"][stage].items() if k in keep} for stage in data["chain"]}
     return {"run": run.id, "dir": str(run.dir), "backend": data["backend"], "stages": stages}
 
@@ -25,6 +24,7 @@ def run_status(run) -> dict:
 def command(run, runs_dir, as_json):
     """Show every stage of RUN (default: the newest run): state, nodes, output, endpoint."""
     from clusterctl.follow import describe
+    from clusterctl.restarts import describe as describe_restart
     from clusterctl.run import find_run
 
     found = find_run(runs_dir, run)
@@ -35,5 +35,7 @@ def command(run, runs_dir, as_json):
     click.echo(f"run {status['run']} ({status['backend']} backend): {status['dir']}")
     for stage, record in status["stages"].items():
         click.echo("  " + describe(found, stage, record))
+        for restart in record.get("restart_log", []):   # automatic restarts after a crash, hang or time limit
+            click.echo(f"           {describe_restart(restart)}")
         if record.get("output") and record["state"] == "COMPLETED":
             click.echo(f"           output: {record['output']}")

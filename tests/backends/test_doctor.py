@@ -4,9 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
-from fixtures.netns import wait_until
+from fixtures.netns import sh, wait_until
 from fixtures.runs import write_cluster
 from fixtures.slurm_cluster import SlurmCluster
 from fixtures.ssh_hosts import SshHosts
@@ -108,3 +109,63 @@ def test_unknown_host_accepted_only_when_the_user_says_so(hosts, clusterctl, tmp
     values["ssh"]["insecure_accept_unknown_hosts"] = True
     code, report = doctor(clusterctl, write_cluster(tmp_path / "cluster.yaml", values))
     assert code == 0 and report["ok"], report
+
+
+@contextmanager
+def throttled(net, i: int):
+    """Host i's link shaped to 10 Mbit/s (tbf on the bridge side of its veth: traffic toward the host)."""
+    device = f"cc{net.index}v{i}"
+    sh("tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", "10mbit", "burst", "32kbit", "latency", "400ms")
+    try:
+        yield net.names[i - 1]
+    finally:
+        sh("tc", "qdisc", "del", "dev", device, "root", check=False)
+
+
+def bandwidth(clusterctl, yaml, *args, env=None) -> tuple[int, dict]:
+    # The shaped link (10 Mbit/s) is ~0.4% of loopback; unshaped pairs sharing 2 cores dip to ~35% of the median.
+    result = clusterctl("doctor", "--cluster", yaml, "--bandwidth", "--size-mb", "0.5", "--slow-below", "0.1", "--json",
+                        *args,
+                        check=False, env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def statuses(verdict: dict) -> dict[str, str]:
+    return {node["node"]: node["status"] for node in verdict["nodes"]}
+
+
+def test_bandwidth_names_the_throttled_ssh_host_and_the_one_that_never_joins(hosts, clusterctl, tmp_path):
+    yaml = ssh_yaml(tmp_path, hosts)
+    with throttled(hosts.net, 3) as slow:
+        code, verdict = bandwidth(clusterctl, yaml)
+    assert code == 1 and not verdict["ok"]
+    assert statuses(verdict) == {name: "SLOW" if name == slow else "ok" for name in hosts.names}, verdict
+    rows = {node["node"]: node for node in verdict["nodes"]}
+    assert rows[slow]["bandwidth"] < 2e6 < 20 * rows[slow]["bandwidth"] < min(
+        row["bandwidth"] for name, row in rows.items() if name != slow)      # 10 Mbit/s = 1.25 MB/s
+    assert verdict["busbw"] < 2e6                                          # the ring runs at its slowest link
+
+    # unthrottled, the loopback pairs share 2 cores: only a node 10x below the median counts as slow here
+    text = clusterctl("doctor", "--cluster", yaml, "--bandwidth", "--size-mb", "0.5",
+                      "--slow-below", "0.1").stdout.splitlines()
+    assert text[0].startswith("all-reduce of 0.5 MiB over 4 nodes (gloo): bus bandwidth ")
+    assert text[1].split() == ["node", "rank", "best", "pair", "GB/s", "status"]
+    assert all(line.split()[-1] == "ok" for line in text[2:])
+
+    with_down = ssh_yaml(tmp_path, hosts, host_names=hosts.names[:2] + [hosts.down_host])
+    code, verdict = bandwidth(clusterctl, with_down, "--join-timeout", "10")
+    assert code == 1
+    assert statuses(verdict) == {hosts.names[0]: "joined", hosts.names[1]: "joined", hosts.down_host: "MISSING"}
+    assert "cannot be reached" in verdict["nodes"][2]["detail"]
+    assert verdict["nodes"][0]["detail"] == f"not measured: {hosts.down_host} did not join"
+
+
+def test_bandwidth_through_srun_names_the_throttled_node(clusterctl, tmp_path):
+    with SlurmCluster(nodes=4, gpus_per_node=0) as slurm:
+        yaml = write_cluster(tmp_path / "cluster.yaml", {"backend": "slurm", "runs_dir": str(tmp_path / "runs"),
+                                                      "slurm": {"partition": slurm.partition}})
+        with throttled(slurm.hosts, 2) as slow:
+            code, verdict = bandwidth(clusterctl, yaml, "--nodes", "4", env={"SLURM_CONF": slurm.conf})
+    assert code == 1, verdict
+    assert statuses(verdict) == {name: "SLOW" if name == slow else "ok" for name in slurm.node_names}, verdict

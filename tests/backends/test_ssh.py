@@ -133,3 +133,25 @@ def test_bad_host_fails_fast_and_starts_nothing(hosts, clusterctl, wait_for, tmp
     assert status["sft"]["state"] == "FAILED" and bad in status["sft"]["reason"], status
     assert [status[s]["state"] for s in ("convert", "deploy")] == ["CANCELLED", "CANCELLED"]
     assert not list(run_dir.glob("started-*")) and not list((run_dir / "state").rglob("node-*.pid"))
+
+
+def test_cancel_leaves_a_stranger_named_by_a_pid_marker_alone(hosts, clusterctl, wait_for, tmp_path):
+    """The marker of node 2 now names someone else's process group (pid reused): it is reported,
+    not signalled; the other nodes are stopped."""
+    yaml = cluster_yaml(tmp_path, hosts, {"all": ["sleep 120"]})
+    run_id, run_dir = submit(clusterctl, "sft", "--stages", "sft", "--nodes", "4", "--cluster", yaml)
+    wait_for(run_id, lambda s: len(pgids(run_dir, "sft")) == 4, what="4 nodes to start")
+    groups = pgids(run_dir, "sft")
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    marker = run_dir / "state/sft/node-002.pid"
+    pgid, host, boot, _ = marker.read_text().split()
+    ticks = open(f"/proc/{stranger.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    marker.write_text(f"{stranger.pid} {host} {boot} {int(ticks) - 1}\n")
+    try:
+        result = clusterctl("cancel", run_id)
+        assert stranger.poll() is None, "cancel signalled a process that is not the run's"
+        assert f"{marker}: process group {stranger.pid}" in result.stderr and "not signalled" in result.stderr
+        assert [g for g in groups if group_alive(g)] == [int(pgid)]
+    finally:
+        stranger.kill()
+        os.killpg(int(pgid), signal.SIGKILL)

@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 
-MARKER = "clusterctl-complete.json"
+from clusterctl.atomic import MARKER
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 

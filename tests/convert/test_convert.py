@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clusterctl.atomic import MARKER
 from clusterctl.convert import core
-from clusterctl.convert.checkpoint import MARKER
 from clusterctl.errors import UserError
 
 
@@ -233,6 +233,7 @@ def test_strided_pieces_take_the_simple_path(zero3_ckpt):
     """A piece that is not one contiguous run (a transposing conversion) equals the obvious gather + view."""
     from clusterctl.convert.checkpoint import ZeroCheckpoint
     from clusterctl.convert.layout import Piece
+    from clusterctl.convert.tensors import extract, reference_extract
 
     ck = ZeroCheckpoint(os.path.join(zero3_ckpt, "global_step2"))
     name = "model.layers.1.mlp.experts.down_proj"
@@ -241,5 +242,5 @@ def test_strided_pieces_take_the_simple_path(zero3_ckpt):
     straight = Piece("s", name, rows * cols, (rows, cols), (cols, 1), "bfloat16")
     assert not transposed.contiguous and straight.contiguous
     for p in (transposed, straight):
-        assert torch.equal(core.extract(ck, p), core.reference_extract(ck, p))
-    assert torch.equal(core.extract(ck, transposed), core.extract(ck, straight).t())
+        assert torch.equal(extract(ck, p), reference_extract(ck, p))
+    assert torch.equal(extract(ck, transposed), extract(ck, straight).t())

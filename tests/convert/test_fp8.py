@@ -4,13 +4,12 @@ import os
 
 import pytest
 import torch
+from fp8_reference import make_fp8_folder, official_dequant
 from safetensors.torch import load_file
 
+from clusterctl.atomic import MARKER
 from clusterctl.convert import fp8
-from clusterctl.convert.checkpoint import MARKER
 from clusterctl.errors import UserError
-
-from fp8_reference import make_fp8_folder, official_dequant
 
 SHAPES = {
     "model.embed_tokens.weight": (300, 64),
@@ -92,3 +91,41 @@ def test_gpu_gives_the_same_bits(fp8_folder):
     _, original = fp8_folder
     w, s = original["model.layers.0.self_attn.q_a_proj.weight"], original["model.layers.0.self_attn.q_a_proj.weight_scale_inv"]
     assert torch.equal(fp8.dequantize(w, s, device="cuda"), official_dequant(w, s))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: open(path, "r+b").truncate(4), "not a safetensors file"),
+    (lambda path: open(path, "wb").write(b"\xff" * 8 + b"{}"), r"not a safetensors file \(its header claims"),
+    (lambda path: open(path, "wb").write((12).to_bytes(8, "little") + b'{"a": [1,2]}'), "not a safetensors header"),
+    (lambda path: open(path, "wb").write((7).to_bytes(8, "little") + b'{"a": }'), "not a safetensors file"),
+])
+def test_a_damaged_shard_is_named_before_anything_is_written(fp8_folder, tmp_path, damage, message):
+    src, _ = fp8_folder
+    shard = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))[0]
+    damage(os.path.join(src, shard))
+    with pytest.raises(UserError, match=rf"{shard}: {message}"):
+        fp8.cast_folder(src, str(tmp_path / "bf16"))
+    assert not os.path.exists(tmp_path / "bf16")
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("config.json", "[1]", "config.json: expected a JSON object"),
+    ("config.json", "{trunc", "config.json: not valid JSON"),
+    ("model.safetensors.index.json", '{"weight_map": [1]}', "index.json: weight_map is not an object"),
+    ("model.safetensors.index.json", "{}", r"index.json: not a safetensors index \(KeyError"),
+])
+def test_a_damaged_config_or_index_is_named(fp8_folder, tmp_path, file, content, message):
+    src, _ = fp8_folder
+    with open(os.path.join(src, file), "w") as f:
+        f.write(content)
+    with pytest.raises(UserError, match=message):
+        fp8.cast_folder(src, str(tmp_path / "bf16"))
+
+
+def test_a_bad_block_size_is_named(fp8_folder, tmp_path):
+    src, _ = fp8_folder
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg["quantization_config"]["weight_block_size"] = [128, "128"]
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    with pytest.raises(UserError, match="weight_block_size must be two whole numbers above 0"):
+        fp8.cast_folder(src, str(tmp_path / "bf16"))

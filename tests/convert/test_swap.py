@@ -104,7 +104,9 @@ def render_convert(tmp_path, checkpoint, swap_dir, need):
 def test_node_script_removes_its_swap_however_it_ends(zero3_ckpt, tmp_path, ending):
     swap_dir = tmp_path / "swapdir"
     swap_dir.mkdir()
-    run = render_convert(tmp_path, zero3_ckpt, swap_dir, swap.available_bytes() + (32 << 20))
+    # 1 GiB above what is free now: other processes freeing memory before the node script measures must not
+    # make the swap unneeded (32 MiB did, on a busy machine)
+    run = render_convert(tmp_path, zero3_ckpt, swap_dir, swap.available_bytes() + (1 << 30))
     proc = subprocess.Popen(["bash", str(run.node_script("convert", 0))], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     swap_path = swap_dir / "clusterctl-swap-20260101-000000-swap-node-000"

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from fixtures.ports import free_port
 
 from clusterctl.backends.base import Backend
 from clusterctl.config import ClusterConfig, DeploySpec, JobSpec, Ports
-from clusterctl.render import render_stage, write_files
 from clusterctl.procs import processes_with_env
+from clusterctl.render import render_stage, write_files
 from clusterctl.run import Run
 
 SHM_PATTERNS = ("*cpushm*", "psm_*")
@@ -36,12 +36,6 @@ def converted_model(tiny_model, tmp_path_factory) -> Path:
     checkpoints = make_checkpoint(str(tiny_model), str(work / "checkpoints"), 3, "bf16")
     run_checked([sys.executable, "-m", "clusterctl.convert", "--checkpoint", checkpoints, "--out", str(work / "model")])
     return work / "model"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class HostsBackend(Backend):

@@ -60,7 +60,7 @@ def test_cpu_nodes_start_and_gate_ray_but_serve_from_node_zero_without_the_ray_e
     files = render(nodes=2, gpus=0, interface="")
     head = body(files["deploy/node-000.sh"])
     assert "ray_start --head" in head and "--gpus 0 --timeout" in head
-    assert "RAY_ADDRESS" not in head and "--enforce-eager" in head
+    assert "RAY_ADDRESS" not in head and "--gpus-per-node 0" in head   # vllm_args adds the CPU flags
     assert 'VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"' in head
     assert "INTERFACE=''" in head and "NCCL_SOCKET_IFNAME" not in head
 

@@ -4,10 +4,10 @@ the worker missing, the head fails by its deadline naming it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
-import shutil
 
 import pytest
 

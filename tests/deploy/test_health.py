@@ -3,7 +3,11 @@ run's endpoint is found, and failing fast (and clearly) when nothing answers. Ag
 test_vllm_serve.py."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -93,3 +97,157 @@ def test_api_key_file_is_read(tmp_path):
     assert read_api_key(str(tmp_path / "key")) == "sk-1"
     with pytest.raises(UserError, match="cannot read the API key"):
         read_api_key(str(tmp_path / "missing"))
+
+
+# Real misbehaving servers on 127.0.0.1: each stops itself (LIFETIME_S) even if a test fails midway.
+LIFETIME_S = 10.0
+
+
+@contextlib.contextmanager
+def tcp_server(handle):
+    """http://127.0.0.1:PORT whose every connection runs handle(conn, stop) on a thread of its own."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    end = time.monotonic() + LIFETIME_S
+
+    def serve():
+        while not stop.is_set() and time.monotonic() < end:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=run, args=(conn,), daemon=True).start()
+        listener.close()
+
+    def run(conn):
+        with conn:
+            conn.settimeout(LIFETIME_S)
+            try:
+                conn.recv(65536)                          # the request
+                handle(conn, stop)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+
+
+def trickle(conn, stop):
+    """A status line one byte at a time, each byte well inside any per-read socket timeout."""
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok":
+        if stop.wait(0.3):
+            return
+        conn.sendall(bytes([byte]))
+    stop.wait(LIFETIME_S)
+
+
+def silent(conn, stop):
+    stop.wait(LIFETIME_S)
+
+
+def ssh_banner(conn, stop):
+    conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+
+@pytest.mark.parametrize("handle", [trickle, silent], ids=["one byte at a time", "silent"])
+def test_timeout_is_the_wall_clock_limit_of_the_whole_check(handle):
+    with tcp_server(handle) as url:
+        start = time.monotonic()
+        result = CliRunner().invoke(command, [url, "--timeout", "1.5"])
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 1 and elapsed < 3.5, (elapsed, result.output)     # the old code: 10 s or more
+    assert f"no complete answer from {url} within the time left" in result.output
+    assert f"clusterctl: error: {url} failed GET /health: no complete answer" in result.output
+
+
+def test_a_server_that_does_not_speak_http_fails_at_once():
+    with tcp_server(ssh_banner) as url:
+        checks = check_endpoint(Endpoint(url), timeout=5)
+    assert len(checks) == 1 and not checks[0].ok and checks[0].attempts == 1
+    assert checks[0].detail.startswith(f"{url} did not answer in HTTP (BadStatusLine:")
+
+
+@contextlib.contextmanager
+def http_server(replies: dict[str, bytes]):
+    """An HTTP server answering each path with a fixed 200 body."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def reply(self):
+            body = replies[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        do_GET = do_POST = reply
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+MODELS_OK = b'{"data": [{"id": "m"}]}'
+
+
+@pytest.mark.parametrize("models, chat, failed, detail", [
+    (b'[1, 2]', b"", "GET /v1/models", "no models listed: [1, 2]"),
+    (b'{"data": ["m"]}', b"", "GET /v1/models", "no models listed"),
+    (b'{"data": 5}', b"", "GET /v1/models", "no models listed"),
+    (b"[" * 100_000, b"", "GET /v1/models", "no models listed"),
+    (MODELS_OK, b'{"choices": [{"message": "hi"}]}', "POST /v1/chat/completions", "no choices[0].message"),
+    (MODELS_OK, b'{"choices": {"0": 1}}', "POST /v1/chat/completions", "no choices[0].message"),
+    (MODELS_OK, b'{"choices": [{"message": {"content": 5}}]}', "POST /v1/chat/completions",
+     "no choices[0].message with text content"),
+    (MODELS_OK, b"\xff\xfe not json", "POST /v1/chat/completions", "no choices[0].message"),
+])
+def test_wrongly_shaped_replies_fail_the_check_with_what_was_seen(models, chat, failed, detail):
+    replies = {"/health": b"", "/v1/models": models, "/v1/chat/completions": chat}
+    with http_server(replies) as url:
+        result = CliRunner().invoke(command, [url, "--timeout", "3", "--json"])   # room for a busy machine
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output   # not a traceback
+    report = json.loads(result.output)
+    assert report["checks"][-1]["name"] == failed and detail in report["checks"][-1]["detail"]
+
+
+def test_odd_usage_counts_do_not_break_a_passing_check():
+    replies = {"/health": b"", "/v1/models": MODELS_OK,
+               "/v1/chat/completions": b'{"choices": [{"message": {"content": "hi"}}], "usage": 7}'}
+    with http_server(replies) as url:
+        checks = check_endpoint(Endpoint(url), timeout=5)
+    assert [c.ok for c in checks] == [True, True, True] and checks[2].detail == "? tokens"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_timeout_must_be_a_positive_finite_number(value):
+    result = CliRunner().invoke(command, ["http://127.0.0.1:9", "--timeout", value])
+    assert isinstance(result.exception, UserError)
+    assert "--timeout must be a number of seconds above 0" in str(result.exception)
+
+
+@pytest.mark.parametrize("path, content, message", [
+    ("run.json", b"{trunc", "run.json: not valid JSON"),
+    ("run.json", b"[]", "run.json: not a run record"),
+    ("run.json", b'{"stages": {"deploy": 3}}', "run.json: not a run record"),
+    ("run.json", b'{"stages": {"deploy": {"endpoint": "ftp://x"}}}', "run.json: not an endpoint URL"),
+    ("state/deploy/endpoint.json", b"\xff", "endpoint.json: not valid JSON"),
+    ("state/deploy/endpoint.json", b'{"model": "m"}', "endpoint.json: not an endpoint record"),
+    ("state/deploy/endpoint.json", b'{"url": "http://h:99999"}', "endpoint.json: not an endpoint URL"),
+    ("state/deploy/endpoint.json", b'{"url": "http://h:1", "model": 5}', "endpoint.json: expected a served"),
+])
+def test_a_damaged_run_record_is_named(tmp_path, path, content, message):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        endpoint_of_run(tmp_path)

@@ -8,8 +8,14 @@ import sys
 
 import pytest
 
-from clusterctl.deploy.vllm_args import (check_parallel, installed_vllm_version, reasoning_flags, resolve_parallel,
-                                         serve_args, version_tuple)
+from clusterctl.deploy.vllm_args import (
+    check_parallel,
+    installed_vllm_version,
+    reasoning_flags,
+    resolve_parallel,
+    serve_args,
+    version_tuple,
+)
 from clusterctl.errors import ConfigError, UserError
 
 R1 = {"num_attention_heads": 128, "num_hidden_layers": 61}
@@ -105,12 +111,16 @@ def test_cli_on_this_node_multi_node_gpu_layout(tmp_path):
     assert "--tensor-parallel-size 8 --pipeline-parallel-size 4 --distributed-executor-backend ray" in line
     assert line.endswith("--reasoning-parser deepseek_r1 --enforce-eager")
     assert "--enable-reasoning" not in line          # the installed vLLM is 0.32: the old flag is rejected
+    assert "rotary_embedding" not in line            # the CPU build's workaround stays off GPU nodes
 
 
 def test_cli_null_output_and_cpu_single_node(tmp_path):
     result = run_cli("--model", tmp_path / "my model", "--null", "--nodes", 2, "--gpus-per-node", 0)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\0")[:-1] == [str(tmp_path / "my model"), "--host", "0.0.0.0", "--port", "8000"]
+    assert result.stdout.split("\0")[:-1] == [str(tmp_path / "my model"), "--host", "0.0.0.0", "--port", "8000",
+                                              # eager, and vLLM's exact rotary path (its CPU op rotates one head)
+                                              "--enforce-eager", "--compilation-config",
+                                              '{"custom_ops": ["-rotary_embedding"]}']
 
 
 def test_cli_checks_the_model_config_on_the_node(tmp_path):

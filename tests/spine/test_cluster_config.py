@@ -49,6 +49,7 @@ def test_missing_model_and_data_paths(tmp_path):
     message = error_of(lambda: load_job(job, sft_nodes=None, cluster=cluster))
     assert f"{job}:1: model" in message and "nowhere does not exist" in message
     (tmp_path / "nowhere").mkdir()
+    (tmp_path / "nowhere" / "config.json").write_text("{}")
     message = error_of(lambda: load_job(job, sft_nodes=None, cluster=cluster))
     assert f"{job}:2: data" in message and "data.jsonl does not exist" in message
 

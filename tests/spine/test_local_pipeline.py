@@ -2,20 +2,14 @@
 import json
 import os
 import signal
-import socket
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from fixtures.ports import free_port
 
 from clusterctl.procs import processes_with_env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def processes_of(run_dir: str) -> list[int]:

@@ -1,16 +1,11 @@
 """Launching real multi-rank SFT runs of clusterctl.training.sft under torchrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fixtures.ports import free_port
 
 
 def sft_command(config: Path, nproc: int) -> list[str]:

@@ -45,7 +45,7 @@ def test_masks_token_by_token(tiny_tokenizer):
     # the same ids as tokenizing the whole rendered text: piecewise encoding loses nothing at the seams
     text = data.render_text(CONVERSATION, tok.bos_token, tok.eos_token)
     assert tok(text, add_special_tokens=False)["input_ids"] == sample.input_ids
-    assert tok.decode([t for t, l in zip(sample.input_ids, sample.labels) if l != data.IGNORE]) == (
+    assert tok.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != data.IGNORE]) == (
         f"<think>\n4 plus 4 is 8.\n</think>\n\n8.{tok.eos_token}You're welcome.{tok.eos_token}")
 
 

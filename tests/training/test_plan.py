@@ -1,5 +1,6 @@
 """The memory planner: parameter counts from config.json, fit verdicts, suggestions, the CLI."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,25 @@ V3 = str(Path(__file__).parents[1] / "data" / "models" / "deepseek-v3")   # the 
 def test_parameter_counts_match_real_models(tiny_model):
     v3 = load_shape(V3)
     assert v3.params() == pytest.approx(671.0e9, rel=1e-3)                # DeepSeek-V3's published 671 B
-    assert v3.largest_module_params() == 256 * 3 * 7168 * 2048              # one layer's fused experts
+    assert v3.largest_module_params(1) == 256 * 3 * 7168 * 2048             # one layer's fused experts
+    assert v3.expert_groups() == 16                                         # the trainer's default groups
+    assert v3.largest_module_params() == 129_280 * 7168                     # then the embedding is largest
     built = json.loads((tiny_model / "clusterctl-complete.json").read_text())["parameters"]
     assert load_shape(str(tiny_model)).params() == built                    # exact against the real module tree
+
+
+def test_recipe_micro_batch_2_fits_with_grouped_experts_only():
+    """The published recipe's setting (micro-batch 2, sp 4, full offload, 32k): the fused experts' gather
+    and gradient (21 GiB each) do not fit 80 GiB; the trainer's default groups (16 of 16 experts) do."""
+    recipe = Setup(nodes=32, gpus_per_node=8, sp=4, zero=3, offload_optimizer=True, offload_param=True,
+                   micro_batch=2, seq_len=32768)
+    v3 = load_shape(V3)
+    fused, grouped = plan(v3, replace(recipe, expert_groups=1)), plan(v3, recipe)
+    assert not fused.fits_gpu and fused.gpu["gathered params"] == 2 * 256 * 3 * 7168 * 2048
+    assert grouped.fits_gpu and grouped.gpu_total < 50 * GIB
+    assert grouped.gpu["gathered params"] == 2 * 1e9                        # stage3_max_live_parameters
+    assert grouped.gpu["module grad"] == 2 * 129_280 * 7168                 # a group (0.70 B) < the embedding
+    assert plan(v3, replace(recipe, expert_groups=16)).gpu == grouped.gpu
 
 
 def test_dense_model_count_matches_transformers():
@@ -68,3 +85,11 @@ def test_tiny_gib_scale():
     result = plan(load_shape("builtin:tiny-deepseek-v3"), Setup(gpus_per_node=2, micro_batch=2, seq_len=256,
                                                                 runtime_gib=0))
     assert result.fits and result.gpu_total < 1 * GIB
+
+
+@pytest.mark.parametrize("option", ["--gpu-memory", "--host-memory"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-80"])
+def test_memory_sizes_must_be_finite_and_positive(option, value):
+    result = CliRunner().invoke(plan_command, [option, value])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert "not a number of GiB above 0" in result.output

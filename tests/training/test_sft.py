@@ -7,11 +7,10 @@ import time
 
 import psutil
 import pytest
+from sft_run import read_metrics, run_sft, sft_command, sft_env, write_config
 
 from clusterctl.training import checkpoint as ckpt
 from clusterctl.training.sft import PREEMPTED_EXIT_CODE, PREEMPTED_FILE
-
-from sft_run import read_metrics, run_sft, sft_command, sft_env, write_config
 
 pytestmark = pytest.mark.slow
 

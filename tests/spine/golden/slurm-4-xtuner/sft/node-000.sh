@@ -30,7 +30,11 @@ export NCCL_SOCKET_IFNAME=ib0
 mkdir -p "$STATE_DIR" "$LOG_DIR"
 node_id=$(printf 'node-%03d' "$NODE_RANK")
 rm -f "$STATE_DIR/$node_id.exit"
-echo "$(ps -o pgid= -p $$ | tr -d ' ') $(hostname)" > "$STATE_DIR/$node_id.pid"
+# "PGID HOST BOOT_ID START_TICKS": enough for `cancel` to recognise this group's leader later.
+_pgid=$(ps -o pgid= -p $$ | tr -d ' ')
+# (a group whose leader has exited has no stat: START_TICKS 0, which `cancel` never takes for ours)
+read -r -a _stat < <(sed 's/.*) //' "/proc/$_pgid/stat" 2>/dev/null) || true
+echo "$_pgid $(hostname) $(cat /proc/sys/kernel/random/boot_id) ${_stat[19]:-0}" > "$STATE_DIR/$node_id.pid"
 # Stages add clean-up with `at_exit CMD`; the exit code is recorded last (run folder marker).
 _exit_hooks=()
 at_exit() { _exit_hooks+=("$1"); }

@@ -29,7 +29,11 @@ export NCCL_IB_HCA=mlx5
 mkdir -p "$STATE_DIR" "$LOG_DIR"
 node_id=$(printf 'node-%03d' "$NODE_RANK")
 rm -f "$STATE_DIR/$node_id.exit"
-echo "$(ps -o pgid= -p $$ | tr -d ' ') $(hostname)" > "$STATE_DIR/$node_id.pid"
+# "PGID HOST BOOT_ID START_TICKS": enough for `cancel` to recognise this group's leader later.
+_pgid=$(ps -o pgid= -p $$ | tr -d ' ')
+# (a group whose leader has exited has no stat: START_TICKS 0, which `cancel` never takes for ours)
+read -r -a _stat < <(sed 's/.*) //' "/proc/$_pgid/stat" 2>/dev/null) || true
+echo "$_pgid $(hostname) $(cat /proc/sys/kernel/random/boot_id) ${_stat[19]:-0}" > "$STATE_DIR/$node_id.pid"
 # Stages add clean-up with `at_exit CMD`; the exit code is recorded last (run folder marker).
 _exit_hooks=()
 at_exit() { _exit_hooks+=("$1"); }
@@ -53,16 +57,26 @@ cd "$STAGE_DIR"
 # Slurm's time-limit warning (USR2) reaches every process of the task: the launcher starts with USR2
 # ignored (it would die and take the ranks with it); the ranks install their own handler, checkpoint, exit.
 trap '' USR2
+# An earlier attempt's heartbeats and fault (training/watchdog.py) are not this one's.
+"$CLUSTERCTL_PYTHON" -m clusterctl.training.watchdog --clear
 # One launcher per node; it starts NPROC_PER_NODE ranks (torchrun == python -m torch.distributed.run).
 "$CLUSTERCTL_PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m clusterctl.training.sft --config "$STAGE_DIR/train.json" &
 child=$!
+# The node's progress watchdog: a rank with no step for hang_timeout_s is recorded (node-NNN.fault) and stopped.
+"$CLUSTERCTL_PYTHON" -m clusterctl.training.watchdog --launcher "$child" --config "$STAGE_DIR/train.json" &
+watchdog=$!
+at_exit 'kill "$watchdog" 2>/dev/null'
 # A USR2 sent to this script alone (by hand, or a batch script) is passed on to the ranks.
 trap 'pkill -USR2 -P "$child" || true' USR2
 while :; do
   set +e; wait "$child"; rc=$?; set -e
   kill -0 "$child" 2>/dev/null || break
 done
+# A crash is named by rank in node-NNN.fault (unless the watchdog recorded a hang): what restarts the stage.
+# A node whose ranks only waited on, or failed after, another node's gives that node a moment to end
+# first (srun and the supervisor stop the rest when the first node ends).
+if [ "$rc" != 0 ]; then "$CLUSTERCTL_PYTHON" -m clusterctl.training.watchdog --explain "$rc" || sleep 5; fi
 exit "$rc"

@@ -8,10 +8,10 @@ block-diagonal causal mask: samples never attend to each other.
 """
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from clusterctl.training.data import IGNORE, Sample
@@ -19,42 +19,56 @@ from clusterctl.training.data import IGNORE, Sample
 LENGTH_WINDOW = 16      # micro-steps sorted together when grouping by length
 
 
-def epoch_steps(samples: list[Sample], *, epoch: int, seed: int, rows_per_step: int, max_length: int,
+def sample_lengths(samples: Sequence) -> np.ndarray:
+    """Every sample's token count: the cache's offsets where it has them (no object per sample: 200k
+    CachedSamples cost seconds at every rank's start), else each sample's input_ids."""
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths(), dtype=np.int64)
+    return np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+
+
+def epoch_steps(lengths: np.ndarray, *, epoch: int, seed: int, rows_per_step: int, max_length: int,
                 packing: bool) -> list[list[list[int]]]:
-    """The epoch's micro-steps, each a list of rows, each a list of sample indices."""
-    order = list(range(len(samples)))
-    rng = random.Random(seed * 100_003 + epoch)
-    rng.shuffle(order)
+    """The epoch's micro-steps, each a list of rows, each a list of sample indices (`lengths`: what
+    sample_lengths gives)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
     if packing:
-        rows: list[list[int]] = []
-        current: list[int] = []
-        used = 0
-        for i in order:
-            n = len(samples[i].input_ids)
-            if current and used + n > max_length:
-                rows.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += n
-        if current:
+        rows = _packed_rows(order.tolist(), lengths[order].tolist(), max_length)
+        steps = [rows[i:i + rows_per_step] for i in range(0, len(rows) - rows_per_step + 1, rows_per_step)]
+        return [steps[i] for i in rng.permutation(len(steps)).tolist()]
+    # longest first inside each window of micro-steps (lexsort is stable: ties keep the shuffled order), one
+    # sample per row; built as one array (nested lists from tolist(): 200k samples in milliseconds)
+    window = np.arange(len(order)) // (rows_per_step * LENGTH_WINDOW)
+    ordered = order[np.lexsort((-lengths[order], window))]
+    count = len(ordered) // rows_per_step
+    steps_array = ordered[:count * rows_per_step].reshape(count, rows_per_step, 1)
+    return steps_array[rng.permutation(count)].tolist()
+
+
+def _packed_rows(order: list[int], lengths: list[int], max_length: int) -> list[list[int]]:
+    """Samples in `order`, a row closed when the next one would pass max_length."""
+    rows: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, n in zip(order, lengths):
+        if current and used + n > max_length:
             rows.append(current)
-    else:
-        window = rows_per_step * LENGTH_WINDOW
-        rows = []
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start:start + window], key=lambda i: -len(samples[i].input_ids))
-            rows.extend([i] for i in chunk)
-    steps = [rows[i:i + rows_per_step] for i in range(0, len(rows) - rows_per_step + 1, rows_per_step)]
-    rng.shuffle(steps)
-    return steps
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
 
 
-def stream(samples: list[Sample], *, seed: int, rows_per_step: int, max_length: int, packing: bool,
+def stream(lengths: np.ndarray, *, seed: int, rows_per_step: int, max_length: int, packing: bool,
            skip: int = 0) -> Iterator[tuple[int, list[list[int]]]]:
     """Micro-steps forever, epoch after epoch, as (epoch, rows); the first `skip` are passed over."""
     epoch = 0
     while True:
-        steps = epoch_steps(samples, epoch=epoch, seed=seed, rows_per_step=rows_per_step,
+        steps = epoch_steps(lengths, epoch=epoch, seed=seed, rows_per_step=rows_per_step,
                             max_length=max_length, packing=packing)
         if not steps:
             raise ValueError("no micro-step fits")

@@ -74,6 +74,50 @@ def _grouped_class():
     return GroupedExperts
 
 
+_RELEASING: dict[type, type] = {}
+
+
+def _releasing_class(base: type) -> type:
+    """`base` (the model's experts class) keeping no view of its gathered weights for the backward.
+
+    The experts' forward indexes its 3-D weights per expert, and autograd saves those views for the
+    backward; a view keeps the whole gathered tensor alive after ZeRO-3 releases the parameter, so every
+    group of a layer would stay gathered until its own backward: the whole layer at once (measured in
+    bench/memory). Here the forward runs without a graph, saving only its inputs, and the backward runs
+    it again on the weights ZeRO-3 has gathered for this group's backward (a module-sized recompute, as
+    in gradient checkpointing). Used for trained weights under ZeRO-3 only: a frozen base (LoRA) keeps
+    the plain forward, its adapters being applied only inside the wrapper's own forward."""
+    if base in _RELEASING:
+        return _RELEASING[base]
+    import torch
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, module, hidden_states, top_k_index, top_k_weights):
+            ctx.module = module
+            ctx.save_for_backward(hidden_states, top_k_index, top_k_weights)
+            return base.forward(module, hidden_states, top_k_index, top_k_weights)
+
+        @staticmethod
+        def backward(ctx, grad):
+            hidden_states, top_k_index, top_k_weights = ctx.saved_tensors
+            with torch.enable_grad():
+                hidden = hidden_states.detach().requires_grad_(hidden_states.requires_grad)
+                weights = top_k_weights.detach().requires_grad_(top_k_weights.requires_grad)
+                # the parameters' gradients accumulate as in any backward (ZeRO-3's reduce hooks fire)
+                torch.autograd.backward(base.forward(ctx.module, hidden, top_k_index, weights), grad)
+            return None, hidden.grad, None, weights.grad
+
+    class ReleasingExperts(base):  # type: ignore[misc, valid-type]
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            if torch.is_grad_enabled() and self.gate_up_proj.requires_grad and _zero3(self.gate_up_proj):
+                return Recompute.apply(self, hidden_states, top_k_index, top_k_weights)
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+
+    _RELEASING[base] = ReleasingExperts
+    return ReleasingExperts
+
+
 def fused_experts(model) -> list:
     """(name, module) of every fused routed-experts module (3-D gate_up_proj and down_proj)."""
     import torch
@@ -128,7 +172,7 @@ def _build(module, groups: int, ds_config: dict | None):
     else:
         init = contextlib.nullcontext()
     with init:
-        children = [type(module)(config) for _ in range(groups)]
+        children = [_releasing_class(type(module))(config) for _ in range(groups)]
     grouped = _grouped_class()(children)
     for name in ("gate_up_proj", "down_proj"):
         fused = getattr(module, name)

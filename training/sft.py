@@ -148,7 +148,7 @@ class Trainer:
     def _load_data(self) -> None:
         from transformers import AutoTokenizer
 
-        from clusterctl.training.batching import epoch_steps
+        from clusterctl.training.batching import epoch_steps, sample_lengths
         from clusterctl.training.data import load_dataset
         from clusterctl.training.datacache import training_samples
 
@@ -164,7 +164,8 @@ class Trainer:
         self.rows_per_step = self.dp_size * cfg.micro_batch
         self.batching = dict(seed=cfg.seed, rows_per_step=self.rows_per_step, max_length=cfg.max_length,
                              packing=cfg.packing)
-        per_epoch = len(epoch_steps(self.samples, epoch=0, **self.batching))
+        self.lengths = sample_lengths(self.samples)
+        per_epoch = len(epoch_steps(self.lengths, epoch=0, **self.batching))
         if per_epoch == 0:
             raise UserError(f"{len(self.samples)} conversations do not fill one micro-step of "
                             f"{self.rows_per_step} rows (micro_batch x data-parallel ranks)",
@@ -306,7 +307,7 @@ class Trainer:
             self.last_eval_loss = evaluation.eval_loss(self)
             if metrics:
                 trackers.log(metrics.log_eval(step=0, max_steps=self.max_steps, eval_loss=self.last_eval_loss))
-        micro_steps = stream(self.samples, skip=step * cfg.grad_accum, **self.batching)
+        micro_steps = stream(self.lengths, skip=step * cfg.grad_accum, **self.batching)
         preempted = False
         while step < self.max_steps and not preempted:
             started = time.time()

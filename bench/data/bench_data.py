@@ -37,7 +37,7 @@ import json, sys, time
 started = float(sys.argv[1])
 from pathlib import Path
 from transformers import AutoTokenizer
-from clusterctl.training.batching import collate, epoch_steps
+from clusterctl.training.batching import collate, epoch_steps, sample_lengths
 tok = AutoTokenizer.from_pretrained(sys.argv[3])
 ready = time.time()
 status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
@@ -52,7 +52,7 @@ else:
     spec = importlib.util.spec_from_file_location("previous_data", sys.argv[6])
     previous = sys.modules["previous_data"] = importlib.util.module_from_spec(spec); spec.loader.exec_module(previous)
     samples = previous.load_dataset(sys.argv[4], tok, 32768)
-steps = epoch_steps(samples, epoch=0, seed=1, rows_per_step=2, max_length=32768, packing=False)
+steps = epoch_steps(sample_lengths(samples), epoch=0, seed=1, rows_per_step=2, max_length=32768, packing=False)
 batch = collate(samples, steps[0], pad_id=0, multiple=1)
 now = time.time()
 print(json.dumps({"seconds": now - started, "data_seconds": now - ready, "rss_mib": status("VmHWM:"),

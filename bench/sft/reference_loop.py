@@ -14,7 +14,7 @@ from peak_rss import write_peak_rss
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
-from clusterctl.training.batching import collate, stream
+from clusterctl.training.batching import collate, sample_lengths, stream
 from clusterctl.training.config import TrainConfig
 from clusterctl.training.data import IGNORE, load_dataset
 from clusterctl.training.sft import build_optimizer, exit_now, runtime_ds_config
@@ -34,7 +34,7 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model.parameters()), config=ds)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     samples = load_dataset(cfg.data, tokenizer, cfg.max_length)
-    batches = stream(samples, seed=cfg.seed, rows_per_step=world * cfg.micro_batch, max_length=cfg.max_length,
+    batches = stream(sample_lengths(samples), seed=cfg.seed, rows_per_step=world * cfg.micro_batch, max_length=cfg.max_length,
                      packing=cfg.packing)
     ends, tokens = [time.time()], []
     for _ in range(cfg.max_steps):

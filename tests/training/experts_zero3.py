@@ -1,7 +1,8 @@
 """One ZeRO-3 forward + backward of the tiny model on every rank (run under torchrun, 2 gloo ranks), in four
 layouts: fused experts + full logits (today's reference), grouped experts, chunked loss, both.  Rank 0
 writes each layout's loss and full gradients (per-expert rows, so the layouts compare) to OUT, and
-the fused and grouped layouts' weights as SFT checkpoints to OUT's folder (fused/, grouped/).
+the fused and grouped layouts' weights as SFT checkpoints to OUT's folder (fused/, grouped/), and how many
+views of 3-D (routed-expert) ZeRO-3 parameters the forward's graph saved for the backward.
 
     python -m torch.distributed.run --nproc_per_node 2 experts_zero3.py MODEL OUT GROUPS
 """
@@ -55,13 +56,22 @@ def step(model_dir: str, groups: int, chunked: bool, rank: int, output_dir: Path
     if output_dir:
         save(engine, model_dir, output_dir, rank)
     ids, labels = batch(rank)
-    if chunked:
-        with head.loss_for(labels):
-            value = engine(input_ids=ids).logits
-    else:
-        logits = engine(input_ids=ids).logits
-        value = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=loss.IGNORE,
-                                reduction="sum")
+    held = []          # 3-D ZeRO-3 parameters the graph keeps a view of (their gathered storage stays alive)
+
+    def pack(saved):
+        base = saved._base
+        if base is not None and hasattr(base, "ds_id") and base.dim() == 3:
+            held.append(tuple(base.shape))
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        if chunked:
+            with head.loss_for(labels):
+                value = engine(input_ids=ids).logits
+        else:
+            logits = engine(input_ids=ids).logits
+            value = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=loss.IGNORE,
+                                    reduction="sum")
     engine.backward(value)
     grads = {}
     for name, param in engine.module.named_parameters():
@@ -70,7 +80,7 @@ def step(model_dir: str, groups: int, chunked: bool, rank: int, output_dir: Path
     summed = value.detach().clone()
     torch.distributed.all_reduce(summed)
     engine.destroy()
-    return summed, grads, max(largest, default=0)
+    return summed, grads, max(largest, default=0), len(held)
 
 
 def main(model_dir: str, out: str, groups: int) -> None:

@@ -1,7 +1,7 @@
 """Batch order and collation: deterministic, resumable, length-grouped or packed, labels shifted."""
 import itertools
 
-from clusterctl.training.batching import collate, epoch_steps, stream
+from clusterctl.training.batching import collate, epoch_steps, sample_lengths, stream
 from clusterctl.training.data import IGNORE, Sample
 
 
@@ -16,16 +16,16 @@ LENGTHS = [5, 9, 3, 12, 7, 4, 8, 6, 11, 2, 10, 3]
 def test_same_order_for_same_seed_and_resume_skips_exactly():
     data = samples(LENGTHS)
     kwargs = dict(seed=7, rows_per_step=2, max_length=64, packing=False)
-    first = list(itertools.islice(stream(data, **kwargs), 20))
-    assert first == list(itertools.islice(stream(data, **kwargs), 20))
-    assert first[5:20] == list(itertools.islice(stream(data, skip=5, **kwargs), 15))
+    first = list(itertools.islice(stream(sample_lengths(data), **kwargs), 20))
+    assert first == list(itertools.islice(stream(sample_lengths(data), **kwargs), 20))
+    assert first[5:20] == list(itertools.islice(stream(sample_lengths(data), skip=5, **kwargs), 15))
     assert first[:6] != first[6:12]                       # epoch 2 is reshuffled
-    assert list(itertools.islice(stream(data, **{**kwargs, "seed": 8}), 6)) != first[:6]
+    assert list(itertools.islice(stream(sample_lengths(data), **{**kwargs, "seed": 8}), 6)) != first[:6]
 
 
 def test_every_sample_once_per_epoch_grouped_by_length():
     data = samples(LENGTHS)
-    steps = epoch_steps(data, epoch=0, seed=1, rows_per_step=2, max_length=64, packing=False)
+    steps = epoch_steps(sample_lengths(data), epoch=0, seed=1, rows_per_step=2, max_length=64, packing=False)
     seen = sorted(i for step in steps for row in step for i in row)
     assert seen == list(range(len(LENGTHS)))
     for step in steps:                                    # sorted inside the window: neighbours in length
@@ -35,7 +35,7 @@ def test_every_sample_once_per_epoch_grouped_by_length():
 
 def test_packing_fills_rows_and_restarts_positions():
     data = samples(LENGTHS)
-    steps = epoch_steps(data, epoch=0, seed=1, rows_per_step=1, max_length=16, packing=True)
+    steps = epoch_steps(sample_lengths(data), epoch=0, seed=1, rows_per_step=1, max_length=16, packing=True)
     rows = [row for step in steps for row in step]
     assert all(sum(len(data[i].input_ids) for i in row) <= 16 for row in rows)
     assert sorted(i for row in rows for i in row) == list(range(len(LENGTHS)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clusterctl.training import data, datacache
-from clusterctl.training.batching import collate
+from clusterctl.training.batching import collate, sample_lengths
 
 RANK_SCRIPT = """
 import json, sys
@@ -69,6 +69,7 @@ def test_two_nodes_of_two_ranks_build_once_and_map_the_same_arrays(tmp_path, tok
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name not in (cache.folder.name, "hashes")]
     assert leftovers == []
     batch = collate(cache, [[0, 1], [2]], pad_id=0, multiple=2)          # what the trainer feeds the model
+    assert sample_lengths(cache).tolist() == [len(s.input_ids) for s in reference]    # from the offsets
     assert batch.input_ids.shape[0] == 2 and batch.tokens == sum(len(cache[i].input_ids) for i in (0, 1, 2))
 
 

@@ -43,7 +43,13 @@ Everything is rounded up by `buffer_factor` (1.1): allocator fragmentation and t
 
 LoRA / QLoRA (method): grads, optimizer states, their offload and the optimizer step scale with the LoRA
 parameters T (every target group, ModelShape.lora_params) instead of P; the frozen base is still partitioned,
-gathered and offloaded like full SFT's parameters. QLoRA holds the whole NF4 base (routed experts stay bf16)
+gathered and offloaded like full SFT's parameters, except that with gradient checkpointing a whole layer of it
+stays gathered in the backward: DeepSpeed attributes the frozen parameters a layer's recompute gathers to the
+module whose backward is running and releases them only with it, and the experts' forward saves views of its
+3-D weights, which keep the gathered tensors alive until their own backward (trained weights are recomputed
+per group instead: training/experts.py). Gathered term: max(layer, live) instead of max(Pmax, live); without
+checkpointing, experts that save views (a frozen base, or fused trained experts) hold every MoE layer's experts
+(`held_gathered`). QLoRA holds the whole NF4 base (routed experts stay bf16)
 on every GPU under ZeRO-2.
 """
 from __future__ import annotations
@@ -164,6 +170,11 @@ class ModelShape:
         return groups_for({"n_routed_experts": self.routed_experts, "hidden_size": self.hidden,
                            "moe_intermediate_size": self.moe_intermediate}, requested)
 
+    def layer_params(self) -> int:
+        """The largest decoder layer's own parameters (attention, norms and its MLP or MoE block)."""
+        mlp = self.mlp_params(True) if self.moe_layers() else self.mlp_params(False)
+        return self.attention_params() + 2 * self.hidden + mlp
+
     def largest_module_params(self, expert_groups: int = 0) -> int:
         """The largest module's own parameters, routed experts split in `expert_groups` as the trainer does."""
         candidates = [self.vocab * self.hidden, self.attention_params(), 3 * self.hidden * self.intermediate]
@@ -273,6 +284,20 @@ def validate(shape: ModelShape, s: Setup) -> None:
                         fix="Ulysses splits heads across the sp group: choose a divisor of the head count")
 
 
+def held_gathered(shape: ModelShape, s: Setup, big: int) -> int:
+    """The most parameters ZeRO-3 keeps gathered at once (before stage3_max_live_parameters): the largest module,
+    unless the backward holds more. A frozen base (LoRA) recomputed under gradient checkpointing stays gathered
+    for its whole layer. Routed experts that are not trained in groups (a frozen base, or one fused module) save
+    views of their 3-D weights for the backward, which keep the gathered tensors alive: without checkpointing,
+    every MoE layer's experts from its forward to its backward (groups of trained experts save none)."""
+    if s.gradient_checkpointing:
+        return max(big, shape.layer_params()) if s.method != "full" else big
+    views_saved = s.method != "full" or shape.expert_groups(s.expert_groups) == 1
+    if shape.moe_layers() and views_saved:
+        return max(big, shape.moe_layers() * shape.experts_params())
+    return big
+
+
 def plan(shape: ModelShape, s: Setup) -> Plan:
     validate(shape, s)
     P, W, big = shape.params(), s.world, shape.largest_module_params(s.expert_groups)
@@ -282,7 +307,7 @@ def plan(shape: ModelShape, s: Setup) -> Plan:
     if s.zero == 3:
         gpu["params"] = 0 if s.offload_param else BF16 * P / W
         gpu["grads+optimizer"] = 0 if s.offload_optimizer else 16 * T / W
-        gpu["gathered params"] = BF16 * min(P, max(big, s.max_live_parameters))
+        gpu["gathered params"] = BF16 * min(P, max(held_gathered(shape, s, big), s.max_live_parameters))
         gpu["module grad"] = BF16 * big_trained
         gpu["buckets"] = BF16 * (min(s.prefetch_bucket, P) + min(s.reduce_bucket, T))
     else:

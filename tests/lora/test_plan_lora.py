@@ -45,6 +45,21 @@ def test_671b_lora_fits_three_nodes_with_parameter_offload_where_full_sft_does_n
     assert fitting.gpu["grads+optimizer"] == 0 and alone.gpu["grads+optimizer"] < full_states / 100
 
 
+def test_a_frozen_base_keeps_a_whole_layer_gathered_in_the_recomputed_backward():
+    """Groups bound full SFT's gathered experts; a frozen base's recomputed layer stays gathered whole, and without
+    checkpointing the fused or frozen experts' saved views keep every MoE layer's experts gathered."""
+    v3 = load_shape(V3)
+    setup = Setup(nodes=3, gpus_per_node=8, offload_optimizer=True, offload_param=True)
+    full, lora = plan(v3, setup), plan(v3, Setup(**{**setup.__dict__, "method": "lora"}))
+    assert full.gpu["gathered params"] < 2 * GIB                    # 16 groups of 0.7 B, or the embedding
+    assert lora.gpu["gathered params"] == 2 * v3.layer_params() > 20 * GIB
+    without = {**setup.__dict__, "gradient_checkpointing": False}     # the experts' saved views: every MoE layer's
+    every_moe_layer = 2 * v3.moe_layers() * v3.experts_params()
+    assert plan(v3, Setup(**{**without, "method": "lora"})).gpu["gathered params"] == min(every_moe_layer, 2 * v3.params())
+    assert plan(v3, Setup(**{**without, "expert_groups": 1})).gpu["gathered params"] == every_moe_layer
+    assert plan(v3, Setup(**without)).gpu["gathered params"] == full.gpu["gathered params"]     # groups save none
+
+
 def test_cli_prints_the_trained_share_and_qlora_needs_zero2():
     result = CliRunner().invoke(plan_command, ["--model", V3, "--method", "lora", "--nodes", "3", "--offload",
                                                "--offload-param"])

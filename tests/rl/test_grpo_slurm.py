@@ -71,8 +71,9 @@ def wait_finished(clusterctl, run_id: str, run_dir: Path, timeout: float = 600) 
 def test_grpo_on_two_slurm_nodes_killed_hard_resumes_and_learns(clusterctl, tmp_path, monkeypatch):
     with SlurmCluster(nodes=2, gpus_per_node=0) as slurm:
         monkeypatch.setenv("SLURM_CONF", slurm.conf)
-        cluster = write_cluster(tmp_path / "cluster.yaml", {"backend": "slurm",
-                                                            "slurm": {"partition": slurm.partition, "time": "30:00"}})
+        # no automatic restart (tests/backends/test_faults.py has those): the crash fails the stage, retry resumes it
+        cluster = write_cluster(tmp_path / "cluster.yaml", {"backend": "slurm", "slurm": {
+            "partition": slurm.partition, "time": "30:00", "max_restarts": 0}})
         job = write_job(tmp_path / "job", max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
         run_id, run_dir = submit(clusterctl, "grpo", "--stages", "grpo", "--cluster", cluster, "--job", job)
         checkpoints = run_dir / "grpo" / "checkpoints"

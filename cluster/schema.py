@@ -5,6 +5,7 @@ types (recursing into nested dataclasses), so every config file gets the same st
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import typing
@@ -115,6 +116,25 @@ def parse(cls, values, where: str, *, lines: dict | None = None, prefix: str = "
     if hasattr(result, "validate"):
         result.validate(at)
     return result
+
+
+_Settings = typing.TypeVar("_Settings", bound="JsonSettings")
+
+
+class JsonSettings:
+    """A settings dataclass that a run folder keeps as JSON (train.json): parsed, loaded and written alike."""
+
+    @classmethod
+    def from_dict(cls: type[_Settings], values: dict, *, where: str = "train.json", prefix: str = "") -> _Settings:
+        """Parse and check (`parse` runs `validate`); errors name `where` (a file, or file:line) and the field."""
+        return parse(cls, values, where, prefix=prefix)
+
+    @classmethod
+    def load(cls: type[_Settings], path: str | Path) -> _Settings:
+        return cls.from_dict(json.loads(Path(path).read_text()), where=str(path))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"  # type: ignore[call-overload]
 
 
 def dump(obj) -> dict:

@@ -2,14 +2,11 @@
 and the trainer (node side). `TrainConfig.from_dict` rejects unknown keys and wrong types by name."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from clusterctl.errors import ConfigError
-from clusterctl.schema import parse
+from clusterctl.schema import JsonSettings
 from clusterctl.training.lora import METHODS, LoraSettings
 
 BUILTIN_TINY_MODEL = "builtin:tiny-deepseek-v3"
@@ -19,7 +16,7 @@ BUILTIN_DATA_FILES = {BUILTIN_TINY_DATA: "tiny_reasoning.jsonl", BUILTIN_FIRST_R
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonSettings):
     model: str = BUILTIN_TINY_MODEL          # HF folder, or the built-in tiny DeepSeek-V3
     data: str = BUILTIN_TINY_DATA            # JSONL / JSON array of conversations
     output_dir: str = ""                     # checkpoints: <output_dir>/<tag>/ + marker; <output_dir>/hf/
@@ -58,11 +55,6 @@ class TrainConfig:
     method: str = "full"                     # full | lora | qlora (training/lora.py)
     lora: LoraSettings = field(default_factory=LoraSettings)   # used when method is lora or qlora
 
-    @classmethod
-    def from_dict(cls, values: dict, *, where: str = "train.json", prefix: str = "") -> TrainConfig:
-        """Parse and check (`parse` runs `validate`); errors name `where` (a file, or file:line) and the field."""
-        return parse(cls, values, where, prefix=prefix)
-
     def validate(self, at) -> None:
         """Cross-field and range checks; `at(field)` says where a field was written."""
         from clusterctl.training.evaluation import check_eval_settings
@@ -95,13 +87,6 @@ class TrainConfig:
         if self.method == "qlora" and self.zero_stage != 2:
             raise ConfigError("QLoRA's 4-bit base cannot be partitioned by ZeRO-3", where=at("zero_stage"),
                               fix="set zero_stage: 2 and offload_param: false (the adapters' states are split)")
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()), where=str(path))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     def ds_config(self) -> dict:
         """The DeepSpeed config the engine is built from (sft/ds_config.json in the run folder)."""

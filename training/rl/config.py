@@ -3,13 +3,10 @@
 Unknown keys and wrong types are refused by name (cluster/schema.py)."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from clusterctl.errors import ConfigError
-from clusterctl.schema import parse
+from clusterctl.schema import JsonSettings
 from clusterctl.training.config import check_optimisation
 
 KINDS = ("grpo", "dpo", "simpo", "ppo")
@@ -159,7 +156,7 @@ class TrainSettings:
 
 
 @dataclass
-class RLConfig(TrainSettings):
+class RLConfig(TrainSettings, JsonSettings):
     """train.json of a grpo/dpo/simpo stage."""
     kind: str = "grpo"
     model: str = ""                          # HF folder, or the built-in tiny model
@@ -180,17 +177,6 @@ class RLConfig(TrainSettings):
                               fix='e.g. rewards: ["rewards.py:format_reward"]')
         if self.kind == "ppo" and not (self.ppo.rewards or self.ppo.reward_model):
             raise ConfigError(NO_PPO_REWARD, where=at("ppo.rewards"), fix=PPO_REWARD_FIX)
-
-    @classmethod
-    def from_dict(cls, values: dict, *, where: str = "train.json", prefix: str = "") -> RLConfig:
-        return parse(cls, values, where, prefix=prefix)
-
-    @classmethod
-    def load(cls, path: str | Path) -> RLConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()), where=str(path))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     def ds_config(self) -> dict:
         """DeepSpeed config for TRL's trainers ("auto" values are filled from the TrainingArguments).

@@ -11,7 +11,7 @@ benchmark. Per size:
   start   one rank, from its tokenizer loaded to its first collated batch ("data s"; the whole process
           start, imports of torch and transformers included, beside it), and the growth of its peak RSS
           (VmHWM) over its RSS once imports and tokenizer are loaded ("data MiB"; the whole peak beside it):
-          with the cache built (what every rank does), vs the previous loader (git 1ae5426's
+          with the cache built (what every rank does), vs the previous loader (git c24bf79's
           training/data.py, loaded from git, tokenizing in the rank).
 Above --anchors-up-to conversations the two reference loaders are not run (the previous loader needs hours
 and tens of GB per rank at 200k on 2 cores); the cache rows still are.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-PREVIOUS_LOADER = "1ae5426:training/data.py"
+PREVIOUS_LOADER = "c24bf79:training/data.py"   # before the cache: every rank tokenizes the file into lists
 WORDS = ["the", "sum", "of", "two", "numbers", "is", "found", "by", "adding", "them", "one", "digit", "at", "a", "time", "carrying", "tens", "when", "a", "column", "passes", "nine", "so", "the", "answer", "follows", "from", "the", "digits", "alone", "and", "we", "check", "it", "again"]
 
 RANK = r"""

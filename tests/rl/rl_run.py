@@ -1,4 +1,5 @@
-"""Launching real multi-rank runs of the RL entry points (clusterctl.training.rl.*) under torchrun."""
+"""Real runs of the RL kinds for the tests: the entry points (clusterctl.training.rl.*) under torchrun, and a built-in
+job end to end through the CLI."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 from fixtures.ports import free_port
+
+from clusterctl.procs import processes_with_env
 
 TOY_REWARD = '''
 def ids_divisible_by_4(completion_ids, **kwargs):
@@ -59,3 +62,28 @@ def run(module: str, config: Path, nproc: int = 2, timeout: int = 600, expect: i
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def check_builtin_end_to_end(clusterctl, tmp_path: Path, kind: str, metric_keys) -> None:
+    """`clusterctl submit KIND --nodes 2` with no job file on the local backend: train (4 steps, 2 nodes) ->
+    convert -> vLLM serves -> health PASS; the metrics hold `metric_keys`; then cancel leaves no process."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"backend: local\nports: {{vllm: {free_port()}}}\n")
+    submitted = clusterctl("submit", kind, "--nodes", "2", "--cluster", cluster, "--json", timeout=1500)
+    run = json.loads(submitted.stdout)
+    try:
+        assert "PASS  POST /v1/chat/completions" in submitted.stderr, submitted.stderr[-3000:]
+        stages = json.loads(clusterctl("status", run["run"], "--json").stdout)["stages"]
+        assert [stages[s]["state"] for s in (kind, "convert", "deploy")] == ["COMPLETED", "COMPLETED", "RUNNING"]
+        assert stages["deploy"]["served_model"] == f"tiny-deepseek-v3-{kind}"
+        run_dir = Path(run["dir"])
+        metrics = read_metrics(run_dir / kind / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+        assert set(metric_keys) <= set(metrics[-1]), sorted(metrics[-1])
+        assert sorted(p.name for p in (run_dir / "logs" / kind).iterdir()) == ["node-000.log", "node-001.log"]
+        assert (Path(stages["convert"]["output"]) / "clusterctl-complete.json").exists()
+        marker = json.loads((run_dir / kind / "checkpoints" / "step-4" / "clusterctl-complete.json").read_text())
+        assert marker["world_size"] == 2 and marker["kind"] == kind
+    finally:
+        clusterctl("cancel", run["run"])
+    assert processes_with_env(f"RUN_DIR={run['dir']}") == []

@@ -9,10 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fixtures.ports import free_port
-from rl_run import TOY_REWARD, read_metrics, run, write_config
-
-from clusterctl.procs import processes_with_env
+from rl_run import TOY_REWARD, check_builtin_end_to_end, read_metrics, run, write_config
 
 
 def toy_ppo(folder: Path, **values) -> Path:
@@ -133,23 +130,4 @@ def test_a_reward_model_must_be_a_one_label_sequence_classifier(clusterctl, ppo_
 
 @pytest.mark.slow
 def test_builtin_ppo_runs_end_to_end(clusterctl, tmp_path):
-    cluster = tmp_path / "cluster.yaml"
-    cluster.write_text(f"backend: local\nports: {{vllm: {free_port()}}}\n")
-    submitted = clusterctl("submit", "ppo", "--nodes", "2", "--cluster", cluster, "--json", timeout=1500)
-    run = json.loads(submitted.stdout)
-    try:
-        assert "PASS  POST /v1/chat/completions" in submitted.stderr, submitted.stderr[-3000:]
-        stages = json.loads(clusterctl("status", run["run"], "--json").stdout)["stages"]
-        assert [stages[s]["state"] for s in ("ppo", "convert", "deploy")] == ["COMPLETED", "COMPLETED", "RUNNING"]
-        assert stages["deploy"]["served_model"] == "tiny-deepseek-v3-ppo"
-        run_dir = Path(run["dir"])
-        metrics = read_metrics(run_dir / "ppo" / "metrics.jsonl")
-        assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-        assert {"reward", "kl", "loss", "policy/clipfrac", "value/loss"} <= set(metrics[-1])
-        assert sorted(p.name for p in (run_dir / "logs" / "ppo").iterdir()) == ["node-000.log", "node-001.log"]
-        assert (Path(stages["convert"]["output"]) / "clusterctl-complete.json").exists()
-        marker = json.loads((run_dir / "ppo" / "checkpoints" / "step-4" / "clusterctl-complete.json").read_text())
-        assert marker["world_size"] == 2 and marker["kind"] == "ppo"
-    finally:
-        clusterctl("cancel", run["run"])
-    assert processes_with_env(f"RUN_DIR={run['dir']}") == []
+    check_builtin_end_to_end(clusterctl, tmp_path, "ppo", ("reward", "kl", "loss", "policy/clipfrac", "value/loss"))
